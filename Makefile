@@ -1,0 +1,47 @@
+# xray-triage: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+CONFIG ?= config/xray-triage.yaml
+export XRAY_TRIAGE_CONFIG ?= $(CONFIG)
+
+.PHONY: run test venv system-deps services lint bench train clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -e '.[ml,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## run: the listener, the hand-off and a worker on the embedded SQLite database and broker
+run: $(STAMP)
+	$(VENV)/bin/xray-triage db upgrade
+	$(VENV)/bin/xray-triage run
+
+## system-deps: Debian packages the tests talk to (installed only where absent; needs root)
+system-deps:
+	bash scripts/system_deps.sh
+
+## services: PostgreSQL and Redis on 127.0.0.1, started if not running
+services: system-deps
+	bash scripts/ensure_services.sh
+
+## test: install whatever is missing, start what is needed, run every test
+test: system-deps $(STAMP) services
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+## bench: speed and memory figures against baselines measured in the same run (not run by CI)
+bench: system-deps $(STAMP) services
+	$(PY) -m bench
+
+clean:
+	rm -rf var build *.egg-info .pytest_cache

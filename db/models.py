@@ -1,0 +1,167 @@
+"""Typed SQLAlchemy 2 models: studies, series, instances and the study state machine.
+
+The same schema runs on SQLite (embedded default) and PostgreSQL (production), so only
+portable column types are used and every timestamp is stored timezone-aware in UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite drops tzinfo on the way back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class StudyState(enum.StrEnum):
+    """receiving -> queued -> processing -> scored | ineligible(reason) | failed(reason)."""
+
+    RECEIVING = "receiving"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SCORED = "scored"
+    INELIGIBLE = "ineligible"
+    FAILED = "failed"
+
+
+TERMINAL_STATES = frozenset({StudyState.SCORED, StudyState.INELIGIBLE, StudyState.FAILED})
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime}
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(String(64))
+    # Requested priority carried by the order (e.g. STAT/HIGH/ROUTINE), used for routing.
+    requested_priority: Mapped[str | None] = mapped_column(String(16))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    calling_host: Mapped[str | None] = mapped_column(String(64))
+
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_instance_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[StudyState] = mapped_column(String(16), default=StudyState.RECEIVING)
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column()
+    processing_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    # Bumped every time the study is handed to the queue; a message carries it so a stale or
+    # duplicated message (older generation) can be recognised by the worker.
+    handoff_generation: Mapped[int] = mapped_column(Integer, default=0)
+    queue_name: Mapped[str | None] = mapped_column(String(64))
+    # Triage result (filled by the worker; NULL until scored).
+    priority: Mapped[int | None] = mapped_column(Integer)
+    priority_reason: Mapped[str | None] = mapped_column(Text)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+    transitions: Mapped[list[StateTransition]] = relationship(
+        back_populates="study", cascade="all, delete-orphan", order_by="StateTransition.id"
+    )
+
+    __table_args__ = (
+        Index("ix_study_state_last_instance", "state", "last_instance_at"),
+        Index("ix_study_priority_received", "priority", "received_at"),
+        Index("ix_study_received_at", "received_at"),
+    )
+
+
+class StateTransition(Base):
+    """Every state change of a study, with its time and reason: the audit trail of the pipeline."""
+
+    __tablename__ = "state_transition"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="transitions")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(String(64))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    # 1 for the first copy; a later push of the same UID with different bytes is version 2, ...
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    spool_path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    # True when this version's bytes differ from an earlier version of the same UID.
+    conflicting_version: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "version", name="uq_instance_uid_version"),
+        Index("ix_instance_uid_sha", "sop_instance_uid", "sha256"),
+    )

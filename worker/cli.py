@@ -1,0 +1,143 @@
+"""The `xray-triage` command.
+
+Every sub-command loads the one Settings object first, so a bad configuration stops every
+process the same way: a one-line reason naming the key, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from worker.config import ConfigError, Settings, effective_config, load_settings
+
+log = logging.getLogger("xray_triage")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs whole datasets (patient names and IDs) at DEBUG; never let it.
+    logging.getLogger("pynetdicom").setLevel(max(logging.INFO, getattr(logging, level, logging.INFO)))
+
+
+def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
+    data = effective_config(settings)
+    print(json.dumps(data, indent=2))
+    if settings.listener.allowed_callers is None:
+        print("warning: listener.allowed_callers is not set: any calling AE title is accepted", file=sys.stderr)
+    return 0
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    from db.session import current_revision, upgrade
+
+    upgrade(settings.database.url)
+    print(f"database at revision {current_revision(settings.database.url)}")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.status import collect_status
+
+    report = collect_status(settings)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("studies per state:")
+        for state, n in report["studies"].items():
+            print(f"  {state:<11} {n}")
+        print("queue depth:")
+        for queue, n in report["queues"].items():
+            print(f"  {queue:<24} {'unknown' if n is None else n}")
+    return 0
+
+
+def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_io.listener import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.runner import run_worker
+
+    queues = args.queues.split(",") if args.queues else [settings.queues.urgent, settings.queues.routine]
+    return run_worker(settings, queues=queues, concurrency=args.concurrency)
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.runner import run_all
+
+    return run_all(settings, config_path=args.config, concurrency=args.concurrency)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xray-triage",
+        description="Chest X-ray triage beside a PACS. Decision support only - not for diagnostic use.",
+    )
+    parser.add_argument("--config", help="configuration file (YAML); default: $XRAY_TRIAGE_CONFIG")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, func: Callable[[Settings, argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    add("listen", cmd_listen, "run the DICOM C-STORE/C-ECHO listener and the study hand-off")
+    p = add("worker", cmd_worker, "run a Celery worker that processes queued studies")
+    p.add_argument("--queues", help="comma-separated queue names (default: urgent and routine)")
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    p = add("run", cmd_run, "listener and worker in one command (what `make run` starts)")
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+
+    db = sub.add_parser("db", help="database maintenance", description="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION")
+    db_sub.required = True
+    p = db_sub.add_parser("upgrade", help="apply migrations up to the latest revision")
+    p.set_defaults(func=cmd_db_upgrade)
+
+    cfg = sub.add_parser("config", help="configuration tools", description="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    cfg_sub.required = True
+    p = cfg_sub.add_parser("check", help="validate and print the effective configuration, secrets masked")
+    p.set_defaults(func=cmd_config_check)
+
+    p = add("status", cmd_status, "studies per state and queue depth")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(settings.log_level)
+    try:
+        return int(args.func(settings, args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI promises a one-line reason, not a traceback
+        log.debug("command failed", exc_info=True)
+        print(f"xray-triage: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The one configuration object for every xray-triage process.
+
+Hospital IT edits one YAML file; any key can be overridden by an environment variable
+``XRAY_TRIAGE_<SECTION>__<KEY>`` (e.g. ``XRAY_TRIAGE_LISTENER__PORT=11112``) so containers
+and test harnesses need no file at all.  Validation happens once, at start-up, and every
+error names the dotted key that is wrong, because a listener that starts with a half-valid
+configuration is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "XRAY_TRIAGE_CONFIG"
+ENV_PREFIX = "XRAY_TRIAGE_"
+DEFAULT_VAR_DIR = Path(os.environ.get("XRAY_TRIAGE_VAR", "var"))
+
+# Storage SOP classes the listener can accept (issue 2).  Keys are the short names IT staff
+# write in the configuration; values are the SOP Class UIDs.
+STORAGE_SOP_CLASSES: dict[str, str] = {
+    "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
+    "DX_PRESENTATION": "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray, For Presentation
+    "DX_PROCESSING": "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray, For Processing
+    "SC": "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+}
+
+# Transfer syntaxes accepted for storage; instances are stored exactly as received.
+TRANSFER_SYNTAXES: dict[str, str] = {
+    "IMPLICIT_VR_LITTLE_ENDIAN": "1.2.840.10008.1.2",
+    "EXPLICIT_VR_LITTLE_ENDIAN": "1.2.840.10008.1.2.1",
+    "DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN": "1.2.840.10008.1.2.1.99",
+    "EXPLICIT_VR_BIG_ENDIAN": "1.2.840.10008.1.2.2",
+    "JPEG_BASELINE": "1.2.840.10008.1.2.4.50",
+    "JPEG_EXTENDED": "1.2.840.10008.1.2.4.51",
+    "JPEG_LOSSLESS_P14": "1.2.840.10008.1.2.4.57",
+    "JPEG_LOSSLESS_SV1": "1.2.840.10008.1.2.4.70",
+    "JPEG_LS_LOSSLESS": "1.2.840.10008.1.2.4.80",
+    "JPEG_LS_NEAR_LOSSLESS": "1.2.840.10008.1.2.4.81",
+    "JPEG_2000_LOSSLESS": "1.2.840.10008.1.2.4.90",
+    "JPEG_2000": "1.2.840.10008.1.2.4.91",
+    "RLE_LOSSLESS": "1.2.840.10008.1.2.5",
+}
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, no control chars
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError("must be 1-16 printable ASCII characters without backslash")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedCaller(_Section):
+    """A calling AE title that may associate, optionally pinned to the host it must come from."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class ListenerConfig(_Section):
+    ae_title: AETitle = "XRAY_TRIAGE"
+    bind_address: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    # None: any calling AE is accepted (a warning is printed at start-up).
+    allowed_callers: list[AllowedCaller] | None = None
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Maximum PDU we are willing to receive; 0 means unlimited (fewer, larger PDUs are faster).
+    max_pdu: Annotated[int, Field(ge=0)] = 262144
+    sop_classes: list[str] = Field(default_factory=lambda: list(STORAGE_SOP_CLASSES))
+    transfer_syntaxes: list[str] = Field(default_factory=lambda: list(TRANSFER_SYNTAXES))
+    acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu(cls, v: int) -> int:
+        if v != 0 and v < 4096:
+            raise ValueError("must be 0 (unlimited) or at least 4096 bytes")
+        return v
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _sops(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STORAGE_SOP_CLASSES]
+        if unknown:
+            raise ValueError(f"unknown SOP class {unknown}; choose from {sorted(STORAGE_SOP_CLASSES)}")
+        return v
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _tss(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in TRANSFER_SYNTAXES]
+        if unknown:
+            raise ValueError(f"unknown transfer syntax {unknown}; choose from {sorted(TRANSFER_SYNTAXES)}")
+        return v
+
+    def sop_class_uids(self) -> list[str]:
+        return [STORAGE_SOP_CLASSES[s] for s in self.sop_classes]
+
+    def transfer_syntax_uids(self) -> list[str]:
+        return [TRANSFER_SYNTAXES[t] for t in self.transfer_syntaxes]
+
+
+class StorageConfig(_Section):
+    spool_dir: Path = DEFAULT_VAR_DIR / "spool"
+    # Below this much free space the listener refuses new instances (0xA700) instead of
+    # filling the disk the PACS relay and the database also live on.
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+
+
+class DatabaseConfig(_Section):
+    url: str = f"sqlite:///{DEFAULT_VAR_DIR / 'xray-triage.db'}"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", v):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        if v.startswith("postgresql://"):
+            v = "postgresql+psycopg://" + v[len("postgresql://") :]
+        return v
+
+
+class BrokerConfig(_Section):
+    # Embedded default: kombu's SQLAlchemy transport on a SQLite file: durable, no server.
+    url: str = f"sqla+sqlite:///{DEFAULT_VAR_DIR / 'broker.db'}"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^(sqla\+sqlite|sqla\+postgresql(\+\w+)?|redis|rediss|memory)://", v):
+            raise ValueError("must be redis://host:port/db or the embedded sqla+sqlite:///path")
+        return v
+
+
+class QueuesConfig(_Section):
+    urgent: str = "xray-triage.urgent"
+    routine: str = "xray-triage.routine"
+
+    @model_validator(mode="after")
+    def _distinct(self) -> QueuesConfig:
+        if self.urgent == self.routine:
+            raise ValueError("urgent and routine queues must have different names")
+        return self
+
+
+class HandoffConfig(_Section):
+    # A study is handed to the worker once no instance has arrived for this long.
+    stability_window_s: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+
+class Settings(_Section):
+    listener: ListenerConfig = ListenerConfig()
+    storage: StorageConfig = StorageConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    broker: BrokerConfig = BrokerConfig()
+    queues: QueuesConfig = QueuesConfig()
+    handoff: HandoffConfig = HandoffConfig()
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+
+class ConfigError(Exception):
+    """Configuration that must stop start-up; the message names the key."""
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Nested dict from ``XRAY_TRIAGE_SECTION__KEY`` variables; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: conflicts with another override")
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read the file (if any), apply environment overrides, validate; raise ConfigError."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {p}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"configuration file {p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"configuration file {p} must hold a mapping of sections")
+        data = loaded
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+_SECRET_RE = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+
+
+def mask_secrets(text: str) -> str:
+    """Hide passwords embedded in URLs (``scheme://user:secret@host``)."""
+    return _SECRET_RE.sub(r"\1***\3", text)
+
+
+def effective_config(settings: Settings) -> dict[str, Any]:
+    """The configuration as plain data, secrets masked: what `config check` and the admin page show."""
+    data = json.loads(settings.model_dump_json())
+    data["database"]["url"] = mask_secrets(data["database"]["url"])
+    data["broker"]["url"] = mask_secrets(data["broker"]["url"])
+    return data
