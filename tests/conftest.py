@@ -33,7 +33,7 @@ def shared_file(*parts: str) -> Path:
 def pydicom_data_file(name: str) -> Path:
     """A file shipped by the `pydicom-data` package (RG1_UNCR.dcm, RG3_J2KI.dcm, ...)."""
     try:
-        import pydicom_data  # noqa: F401 - presence check; the package has no import-time API
+        import data_store  # noqa: F401 - the import name of the pydicom-data package
         from pydicom.data import get_testdata_file
     except ImportError:  # pragma: no cover
         pytest.skip("pydicom-data is not installed")
