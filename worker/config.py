@@ -166,6 +166,66 @@ class HandoffConfig(_Section):
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
 
 
+class PixelsConfig(_Section):
+    """Limits checked against the declared image size BEFORE any pixel buffer is allocated.
+
+    A hostile or broken instance declaring 65535x65535 must be refused with a typed error,
+    not take the worker down with a multi-gigabyte allocation (issue 3).
+    """
+
+    max_rows: Annotated[int, Field(ge=1, le=65535)] = 8192
+    max_columns: Annotated[int, Field(ge=1, le=65535)] = 8192
+    # Bytes of ONE decoded frame (Rows x Columns x Samples x Bits Allocated / 8).
+    max_pixel_bytes: Annotated[int, Field(ge=1)] = 128 * 1024 * 1024
+    max_frames: Annotated[int, Field(ge=1)] = 4096
+
+
+class EligibilityConfig(_Section):
+    """Which instances are frontal chest radiographs the models may score (issue 3).
+
+    Matching is case-insensitive on the DICOM Code String values; hints are whole words
+    searched in the free-text attributes named in ``hint_attributes``.
+    """
+
+    modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])
+    body_parts: list[str] = Field(default_factory=lambda: ["CHEST"])
+    # Empty Body Part Examined is accepted only when View Position says PA or AP.
+    allow_empty_body_part: bool = True
+    view_positions: list[str] = Field(default_factory=lambda: ["PA", "AP"])
+    # Empty View Position is accepted only when no lateral hint is found in the descriptions.
+    allow_empty_view_position: bool = True
+    lateral_hints: list[str] = Field(
+        default_factory=lambda: ["LAT", "LATERAL", "LL", "RL", "LLD", "RLD", "SEITLICH", "PROFIL", "LATERALE"]
+    )
+    non_human_hints: list[str] = Field(
+        default_factory=lambda: [
+            "CANINE", "FELINE", "EQUINE", "BOVINE", "PORCINE", "OVINE", "MURINE",
+            "DOG", "CAT", "HORSE", "VETERINARY", "VETERINARIAN", "VET",
+        ]
+    )  # fmt: skip
+    hint_attributes: list[str] = Field(
+        default_factory=lambda: [
+            "SeriesDescription",
+            "ProtocolName",
+            "AcquisitionDeviceProcessingDescription",
+            "PerformedProcedureStepDescription",
+            "InstitutionName",
+            "PatientSpeciesDescription",
+            "PatientBreedDescription",
+        ]
+    )
+    allow_multiframe: bool = False
+    min_rows: Annotated[int, Field(ge=1)] = 256
+    min_columns: Annotated[int, Field(ge=1)] = 256
+    max_rows: Annotated[int, Field(ge=1)] = 8192
+    max_columns: Annotated[int, Field(ge=1)] = 8192
+
+    @field_validator("modalities", "body_parts", "view_positions", "lateral_hints", "non_human_hints")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [s.strip().upper() for s in v if s.strip()]
+
+
 class Settings(_Section):
     listener: ListenerConfig = ListenerConfig()
     storage: StorageConfig = StorageConfig()
@@ -173,6 +233,8 @@ class Settings(_Section):
     broker: BrokerConfig = BrokerConfig()
     queues: QueuesConfig = QueuesConfig()
     handoff: HandoffConfig = HandoffConfig()
+    pixels: PixelsConfig = PixelsConfig()
+    eligibility: EligibilityConfig = EligibilityConfig()
     log_level: str = "INFO"
 
     @field_validator("log_level")
