@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -96,11 +97,17 @@ def read_dataset(data: bytes) -> Dataset:
     if len(data) < 8:
         raise NotAnImage(f"{len(data)} bytes: too short to be DICOM, PNG or JPEG")
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError) as exc:
         raise NotAnImage(f"not DICOM, PNG or JPEG: {exc}") from None
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same here
         raise NotAnImage(f"not a readable DICOM file: {type(exc).__name__}: {exc}") from exc
+    # pydicom reads a file cut inside encapsulated Pixel Data and only warns.
+    ended = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
+    if ended:
+        raise TruncatedPixelData(f"file ends inside an element: {ended[0]}")
     # force=True accepts anything; real DICOM has group 0008/0028 elements.
     if not any(int(tag) >> 16 in (0x0008, 0x0010, 0x0020, 0x0028, 0x7FE0) for tag in ds.keys()):
         raise NotAnImage("not DICOM, PNG or JPEG: no recognisable DICOM elements")
