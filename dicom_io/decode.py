@@ -84,6 +84,16 @@ def decode(source: Source, limits: PixelsConfig | None = None) -> Decoded:
     limits = limits or PixelsConfig()
     if isinstance(source, Dataset):
         return decode_dataset(source, limits)
+    if isinstance(source, str | os.PathLike):
+        path = Path(os.fspath(source))
+        try:
+            with path.open("rb") as fh:
+                head = fh.read(132)
+        except OSError as exc:
+            raise NotAnImage(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not head.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
+            # pydicom reads the file itself: one copy of Pixel Data instead of two.
+            return decode_dataset(read_dataset(path), limits)
     data = _as_bytes(source)
     if data.startswith(PNG_SIGNATURE):
         return _decode_pillow(data, "png", limits)
@@ -92,14 +102,15 @@ def decode(source: Source, limits: PixelsConfig | None = None) -> Decoded:
     return decode_dataset(read_dataset(data), limits)
 
 
-def read_dataset(data: bytes) -> Dataset:
+def read_dataset(data: bytes | Path) -> Dataset:
     """Parse DICOM with or without the 128-byte preamble and file meta (force=True)."""
-    if len(data) < 8:
-        raise NotAnImage(f"{len(data)} bytes: too short to be DICOM, PNG or JPEG")
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
+    if size < 8:
+        raise NotAnImage(f"{size} bytes: too short to be DICOM, PNG or JPEG")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            ds = pydicom.dcmread(data if isinstance(data, Path) else io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError) as exc:
         raise NotAnImage(f"not DICOM, PNG or JPEG: {exc}") from None
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same here
@@ -212,15 +223,14 @@ def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None) -> Decoded:
             f"transfer syntax {ts.name}: decoder plugins missing ({'; '.join(decoder.missing_dependencies)})"
         )
     try:
-        arr, meta = decoder.as_array(ds, index=0, as_rgb=True, correct_unused_bits=False)
+        # view_only: native data is not copied; the transform never writes in place.
+        arr, meta = decoder.as_array(ds, index=0, as_rgb=True, correct_unused_bits=False, view_only=True)
     except PixelError:
         raise
     except Exception as exc:  # every decoder plugin has its own error types
         raise CorruptPixelData(f"{ts.name} decoder failed: {type(exc).__name__}: {exc}") from exc
     if arr.shape[:2] != (rows, cols):
         raise CorruptPixelData(f"decoded frame is {arr.shape[:2]}, header says {rows}x{cols}")
-    if not arr.flags.writeable:
-        arr = arr.copy()
     out_photometric = str(meta.get("photometric_interpretation", photometric))
     if samples == 3:
         out_photometric = "RGB" if out_photometric.startswith(("YBR", "RGB")) else out_photometric

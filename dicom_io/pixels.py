@@ -19,12 +19,15 @@ to what these steps produce must bump ``PIPELINE_VERSION``: model cards record i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
-from dicom_io.decode import Decoded, Source, decode
-from dicom_io.resize import fit_within, letterbox
+from dicom_io.decode import Decoded, Source, decode, transfer_syntax
+from dicom_io.resize import Transform, apply_in_strips, fit_within_transformed, letterbox_transformed
 from dicom_io.voi import (
     PERCENTILE_HIGH,
     PERCENTILE_LOW,
@@ -50,9 +53,14 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 @dataclass(frozen=True)
 class PixelResult:
-    """The rendered frame before resizing, with what was done to it (stored per result)."""
+    """The rendered frame before resizing, with what was done to it (stored per result).
 
-    image: np.ndarray  # 2-D float32 in [0, 1], lungs dark / bone bright
+    ``image`` is computed on first access: the model path resizes straight from the
+    decoded ``pixels`` through ``transform`` (steps 2-6, elementwise) strip by strip, so
+    a 2500x2048 frame never has to exist as a full float32 copy.  Both routes give
+    bit-identical tensors.
+    """
+
     kind: str  # "dicom", "png" or "jpeg"
     photometric: str  # as stored (MONOCHROME1, MONOCHROME2, RGB, ...)
     frames: int
@@ -60,15 +68,31 @@ class PixelResult:
     window: Window
     steps: tuple[str, ...]
     transfer_syntax: str | None
+    pixels: np.ndarray = field(repr=False)  # first frame as decoded, before step 2
+    transform: Transform = field(repr=False)  # steps 2-6 for any strip of rows of `pixels`
     pipeline_version: str = PIPELINE_VERSION
+
+    @cached_property
+    def image(self) -> np.ndarray:
+        """2-D float32 in [0, 1], lungs dark / bone bright, full resolution."""
+        return apply_in_strips(self.pixels, self.transform)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (int(self.image.shape[0]), int(self.image.shape[1]))
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+    def _source(self) -> tuple[np.ndarray, Transform]:
+        if "image" in self.__dict__:  # already materialised: reuse it
+            return self.image, _as_float
+        return self.pixels, self.transform
+
+
+def _as_float(strip: np.ndarray) -> np.ndarray:
+    return np.asarray(strip, dtype=np.float32)
 
 
 def load_image(source: Source | PixelResult, limits: PixelsConfig | None = None) -> PixelResult:
-    """Decode and render the first frame to float32 [0, 1] at full resolution."""
+    """Decode the first frame and prepare its rendering to float32 [0, 1]."""
     if isinstance(source, PixelResult):
         return source
     return render(decode(source, limits))
@@ -78,7 +102,8 @@ def to_model_tensor(
     source: Source | PixelResult, size: int = DEFAULT_INPUT_SIZE, limits: PixelsConfig | None = None
 ) -> np.ndarray:
     """(size, size, 1) float32 in [0, 1]: the exact input of every model, letterboxed."""
-    return letterbox(load_image(source, limits).image, size)[..., np.newaxis]
+    pixels, transform = load_image(source, limits)._source()
+    return letterbox_transformed(pixels, transform, size)[..., np.newaxis]
 
 
 def render_display(
@@ -86,7 +111,8 @@ def render_display(
 ) -> np.ndarray:
     """uint8 2-D image for the worklist viewer: same rendering, longer side <= max_size,
     aspect kept, no padding, never upscaled."""
-    image = fit_within(load_image(source, limits).image, max_size)
+    pixels, transform = load_image(source, limits)._source()
+    image = fit_within_transformed(pixels, transform, max_size)
     out = np.multiply(image, 255.0, dtype=np.float32)
     out += 0.5
     return out.astype(np.uint8)
@@ -96,29 +122,29 @@ def mask_bits(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
     """Keep only the Bits Stored low bits: unused high bits may hold overlays or garbage.
 
     Unsigned: AND with the mask.  Signed: shift left then arithmetic shift right, which
-    also sign-extends (e.g. 12-bit two's complement in a 16-bit container).  In place.
+    also sign-extends (e.g. 12-bit two's complement in a 16-bit container).  Returns a new
+    array when bits are dropped; the decoded frame may be a read-only view of the file.
     """
     container = arr.dtype.itemsize * 8
     if not np.issubdtype(arr.dtype, np.integer) or bits_stored >= container:
         return arr
     if signed:
         shift = container - bits_stored
-        np.left_shift(arr, shift, out=arr)
-        np.right_shift(arr, shift, out=arr)
-    else:
-        np.bitwise_and(arr, arr.dtype.type((1 << bits_stored) - 1), out=arr)
-    return arr
+        return np.right_shift(np.left_shift(arr, shift), shift)
+    return np.bitwise_and(arr, arr.dtype.type((1 << bits_stored) - 1))
 
 
-def luminance(rgb: np.ndarray) -> tuple[np.ndarray, str]:
-    """Grey stored as RGB gives its one channel unchanged; true colour gives BT.601 luma."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    if np.array_equal(r, g) and np.array_equal(g, b):
-        return r, "colour: grey stored as RGB, one channel used"
-    out = np.multiply(r, np.float32(LUMA_WEIGHTS[0]), dtype=np.float32)
-    out += np.multiply(g, np.float32(LUMA_WEIGHTS[1]), dtype=np.float32)
-    out += np.multiply(b, np.float32(LUMA_WEIGHTS[2]), dtype=np.float32)
-    return out, "colour: RGB to luminance (BT.601)"
+def is_grey_rgb(rgb: np.ndarray) -> bool:
+    """Grey stored as RGB (R == G == B everywhere): then one channel is used unchanged."""
+    return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, float32."""
+    out = np.multiply(rgb[..., 0], np.float32(LUMA_WEIGHTS[0]), dtype=np.float32)
+    out += np.multiply(rgb[..., 1], np.float32(LUMA_WEIGHTS[1]), dtype=np.float32)
+    out += np.multiply(rgb[..., 2], np.float32(LUMA_WEIGHTS[2]), dtype=np.float32)
+    return out
 
 
 def _full_range(bits: int) -> Window:
@@ -129,24 +155,22 @@ def _full_range(bits: int) -> Window:
 def _decode_step(dec: Decoded) -> str:
     if dec.kind != "dicom":
         return f"decode: {dec.kind.upper()} ({dec.array.dtype}, {dec.photometric})"
-    from pydicom.uid import UID
-
     ts = UID(dec.transfer_syntax or "")
     return f"decode: DICOM {ts.name} ({ts})"
 
 
 def render(dec: Decoded) -> PixelResult:
-    """Steps 2-6 on a decoded frame; see the module docstring for the order."""
+    """Decide steps 2-6 for a decoded frame (see the module docstring for the order) and
+    return them as one elementwise transform; nothing full-size is computed here."""
     steps = [_decode_step(dec)]
     if dec.frames > 1:
         steps.append(f"multi-frame: frame {dec.frame_used + 1} of {dec.frames} used")
     if dec.array.ndim == 3:
-        image, window = _render_colour(dec, steps)
+        transform, window = _colour_transform(dec, steps)
     else:
-        image, window = _render_grey(dec, steps)
+        transform, window = _grey_transform(dec, steps)
     steps.append("output: float32 [0, 1], 0 black (air), 1 white (bone)")
     return PixelResult(
-        image=image,
         kind=dec.kind,
         photometric=dec.photometric,
         frames=dec.frames,
@@ -154,34 +178,37 @@ def render(dec: Decoded) -> PixelResult:
         window=window,
         steps=tuple(steps),
         transfer_syntax=dec.transfer_syntax,
+        pixels=dec.array,
+        transform=transform,
     )
 
 
-def _render_colour(dec: Decoded, steps: list[str]) -> tuple[np.ndarray, Window]:
+def _colour_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
     """Colour images are display-ready (no Modality/VOI LUT applies to them): full range,
-    then luma.  Both are linear, so computing luma first gives the same numbers cheaper."""
-    bits = dec.bits_stored if dec.kind == "dicom" else 8
+    then luma.  Both are linear, so luma is computed first, on the integers."""
+    bits = min(dec.bits_stored, 16) if dec.kind == "dicom" else 8
     window = _full_range(bits)
-    lum, step = luminance(mask_bits(dec.array, bits, False) if dec.kind == "dicom" else dec.array)
     a, b = window_affine(window)
+    grey = is_grey_rgb(dec.array)
     steps.append(f"VOI: full range 0..{(1 << bits) - 1}")
-    steps.append(step)
-    return affine_clip(lum, a, b), window
+    steps.append("colour: grey stored as RGB, one channel used" if grey else "colour: RGB to luminance (BT.601)")
+
+    def transform(strip: np.ndarray) -> np.ndarray:
+        strip = mask_bits(strip, bits, False) if dec.kind == "dicom" else strip
+        return affine_clip(strip[..., 0] if grey else luminance(strip), a, b)
+
+    return transform, window
 
 
-def _render_grey(dec: Decoded, steps: list[str]) -> tuple[np.ndarray, Window]:
+def _grey_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
     ds = dec.header
     arr = dec.array
-    if ds is not None:
-        container = arr.dtype.itemsize * 8
-        arr = mask_bits(arr, dec.bits_stored, dec.signed)
-        if dec.bits_stored < container:
-            steps.append(f"bits stored: low {dec.bits_stored} of {container} bits kept")
-    little = True
-    if ds is not None:
-        from dicom_io.decode import transfer_syntax
-
-        little = transfer_syntax(ds).is_little_endian
+    bits, signed = dec.bits_stored, dec.signed
+    container = arr.dtype.itemsize * 8
+    do_mask = ds is not None and bits < container and np.issubdtype(arr.dtype, np.integer)
+    if do_mask:
+        steps.append(f"bits stored: low {bits} of {container} bits kept")
+    little = transfer_syntax(ds).is_little_endian if ds is not None else True
 
     # Step 3: Modality LUT.
     mlut: Lut | None = None
@@ -209,37 +236,48 @@ def _render_grey(dec: Decoded, steps: list[str]) -> tuple[np.ndarray, Window]:
         window = _full_range(8)
         steps.append("VOI: none in a header-less 8-bit image: full range 0..255 (already rendered for display)")
     if window is None:
-        window = _auto_window(arr, ds, mlut, slope, intercept)
+        sample = subsample(arr)
+        sample = mask_bits(np.array(sample), bits, signed) if do_mask else sample
+        window = _auto_window(sample, ds, mlut, slope, intercept)
         steps.append(
             f"VOI: percentile {PERCENTILE_LOW:g}-{PERCENTILE_HIGH:g} window, centre {window.center:g} "
             f"width {window.width:g} (Pixel Padding excluded)"
         )
 
-    # Step 5 decided here, applied with the VOI (composed) or after it.
+    # Step 5: MONOCHROME1 inversion after VOI (composed into the affine when possible).
     invert = dec.photometric == "MONOCHROME1"
-    if voi_lut is None and mlut is None and window.function != "SIGMOID":
-        a, b = window_affine(window)
+    if invert:
+        steps.append("MONOCHROME1: inverted after VOI")
+    final = window
+
+    if voi_lut is None and mlut is None and final.function != "SIGMOID":
+        a, b = window_affine(final)
         a, b = a * slope, a * intercept + b
         if invert:
             a, b = -a, 1.0 - b
-        out = affine_clip(arr, a, b)
-    else:
-        values = mlut.apply(arr) if mlut is not None else _rescale(arr, slope, intercept)
+
+        def affine(strip: np.ndarray) -> np.ndarray:
+            return affine_clip(mask_bits(strip, bits, signed) if do_mask else strip, a, b)
+
+        return affine, final
+
+    def general(strip: np.ndarray) -> np.ndarray:
+        stored = mask_bits(strip, bits, signed) if do_mask else strip
+        values = mlut.apply(stored) if mlut is not None else _rescale(stored, slope, intercept)
         if voi_lut is not None:
-            top = float((1 << voi_lut.bits) - 1)
             out = voi_lut.apply(np.rint(values)).astype(np.float32)
-            out *= np.float32(1.0 / top)
+            out *= np.float32(1.0 / float((1 << voi_lut.bits) - 1))
             np.clip(out, 0.0, 1.0, out=out)
-        elif window.function == "SIGMOID":
-            out = sigmoid(values, window)
+        elif final.function == "SIGMOID":
+            out = sigmoid(values, final)
         else:
-            a, b = window_affine(window)
-            out = affine_clip(values, a, b)
+            wa, wb = window_affine(final)
+            out = affine_clip(values, wa, wb)
         if invert:
             np.subtract(np.float32(1.0), out, out=out)
-    if invert:
-        steps.append("MONOCHROME1: inverted after VOI")
-    return out, window
+        return out
+
+    return general, final
 
 
 def _rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -250,12 +288,12 @@ def _rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return out
 
 
-def _auto_window(arr: np.ndarray, ds: object, mlut: Lut | None, slope: float, intercept: float) -> Window:
+def _auto_window(sample: np.ndarray, ds: Dataset | None, mlut: Lut | None, slope: float, intercept: float) -> Window:
     """Percentile window on a sampled grid, stored padding values excluded, in
-    modality-output units (so it composes with Rescale Slope/Intercept like a header one)."""
-    sample = subsample(arr)
+    modality-output units (so it composes with Rescale Slope/Intercept like a header one):
+    (0028,0120) Pixel Padding Value and (0028,0121) Pixel Padding Range Limit."""
     if ds is not None:
-        mask = padding_mask(sample, ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit"))  # type: ignore[attr-defined]
+        mask = padding_mask(sample, ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit"))
         if mask is not None and not mask.all():
             sample = sample[~mask]
     values = mlut.apply(sample) if mlut is not None else _rescale(sample, slope, intercept)

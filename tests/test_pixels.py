@@ -285,3 +285,17 @@ def test_dataset_round_trip_through_bytes(nih_png) -> None:
     grey = np.asarray(Image.open(nih_png).convert("L"))
     ds = dicom_from_pixels(grey)
     np.testing.assert_array_equal(to_model_tensor(dataset_bytes(ds)), to_model_tensor(ds))
+
+
+@pytest.mark.parametrize("name", ["siim_path", "nema_path", "rg1", "nih_png"])
+def test_fused_and_materialised_routes_are_identical(name, request) -> None:
+    """The model path resizes straight from the decoded frame, strip by strip; it must give
+    exactly what resizing the full-resolution float image gives."""
+    source = request.getfixturevalue(name)
+    source = source["UNCR"] if isinstance(source, dict) else source
+    result = load_image(source)
+    fused, fused_display = to_model_tensor(result), render_display(result, 300)
+    assert "image" not in result.__dict__  # not materialised by the model path
+    assert result.image.shape == result.shape
+    np.testing.assert_array_equal(to_model_tensor(result), fused)
+    np.testing.assert_array_equal(render_display(result, 300), fused_display)
