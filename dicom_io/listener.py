@@ -1,0 +1,359 @@
+"""The DICOM listener: Verification and Storage SCP on pynetdicom, plus the hand-off thread.
+
+The contract with a sending modality is the C-STORE status.  0x0000 goes out only after the
+instance is fsynced under its final name *and* recorded in the database; every other outcome
+is a failure status the sender will retry (low disk, database down, unparseable data), so an
+instance is never acknowledged and then lost.
+
+Received datasets are streamed by pynetdicom to a temporary file
+(``STORE_RECV_CHUNKED_DATASET``) instead of being held in memory, then copied into the spool
+behind our own deterministic file meta header, byte for byte as the sender encoded them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_sessionmaker
+from dicom_io.ingest import (
+    IdentifierConflictError,
+    MalformedDatasetError,
+    Outcome,
+    read_received_file,
+    record_with_retry,
+)
+from dicom_io.spool import InsufficientSpaceError, Spool, SpooledFile
+from dicom_io.staging import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    StagingFile,
+    install,
+    part10_header,
+    staged_file,
+)
+from dicom_io.uids import InvalidUIDError, require_uid
+from worker.config import Settings
+
+log = logging.getLogger("xray_triage.listener")
+
+# Stream received datasets to disk; never keep a 50 MB image in memory per association.
+_config.STORE_RECV_CHUNKED_DATASET = True
+# Identifier datasets (C-FIND etc.) carry patient names; never log them.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+COPY_CHUNK = 4 * 1024 * 1024
+
+# C-STORE response statuses (PS3.4 Table B.2-1 ranges; the codes within a range are ours and
+# are listed in docs/conformance.md).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+DATABASE_UNAVAILABLE = 0xC001
+STORAGE_FAILED = 0xC002
+MALFORMED_DATASET = 0xC210
+INVALID_UID = 0xC212
+IDENTIFIER_CONFLICT = 0xC213
+
+_REJECT_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_DIAG_CALLING_AE_NOT_RECOGNIZED = 0x03
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A status with an Error Comment (LO, 64 chars) the sender's log can show to its operator."""
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _safe_error(exc: BaseException) -> str:
+    """An exception as one log line that cannot carry patient data (no SQL parameters)."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+        return f"{type(exc.orig).__name__}: {first[:200]}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def dataset_offset(path: Path) -> int:
+    """Where the dataset starts in pynetdicom's temporary Part-10 file (after its file meta)."""
+    with path.open("rb") as fp:
+        head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise MalformedDatasetError("received file has no file meta group length")
+    (group_length,) = struct.unpack("<L", head[140:144])
+    return 144 + group_length
+
+
+def _file_chunks(path: Path, offset: int, header: bytes) -> Iterator[bytes]:
+    yield header
+    with path.open("rb") as fp:
+        fp.seek(offset)
+        while chunk := fp.read(COPY_CHUNK):
+            yield chunk
+
+
+@dataclass(frozen=True)
+class Caller:
+    ae_title: str
+    host: str
+
+
+def is_allowed(caller: Caller, settings: Settings) -> bool:
+    """The listener.allowed_callers policy: None allows everyone; a host, if given, must match too."""
+    allowed = settings.listener.allowed_callers
+    if allowed is None:
+        return True
+    return any(a.ae_title == caller.ae_title and (a.host is None or a.host == caller.host) for a in allowed)
+
+
+class StorageSCP:
+    """The event handlers, bound to one spool and one database."""
+
+    def __init__(self, settings: Settings, spool: Spool, factory: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.factory = factory
+
+    @staticmethod
+    def _caller(event: evt.Event) -> Caller:
+        requestor = event.assoc.requestor
+        return Caller(str(requestor.ae_title).strip(), str(requestor.address))
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """EVT_REQUESTED: reject callers not in listener.allowed_callers before negotiation."""
+        caller = self._caller(event)
+        if is_allowed(caller, self.settings):
+            return
+        log.warning("association rejected: calling AE %r from %s is not allowed", caller.ae_title, caller.host)
+        event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNIZED)
+        event.assoc.kill()
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        caller = self._caller(event)
+        log.info("association accepted from %s@%s", caller.ae_title, caller.host)
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int | Dataset:
+        """EVT_C_STORE: validate, spool durably, record, and only then answer success."""
+        started = time.perf_counter()
+        caller = self._caller(event)
+        request = event.request
+        try:
+            sop_instance = require_uid(str(request.AffectedSOPInstanceUID or ""), "Affected SOP Instance UID")
+            sop_class = require_uid(str(request.AffectedSOPClassUID or ""), "Affected SOP Class UID")
+        except InvalidUIDError as exc:
+            log.warning("C-STORE from %s@%s refused: %s", caller.ae_title, caller.host, exc)
+            return _status(INVALID_UID, "invalid UID in the C-STORE request")
+        transfer_syntax = str(event.context.transfer_syntax)
+        staged = Path(event.dataset_path)
+        staging_file = staged_file(request)
+        try:
+            if staging_file is not None:
+                staging_file.finish()
+        except OSError as exc:
+            log.error("instance %s: receiving into the spool failed: %s", sop_instance, _safe_error(exc))
+            return _status(OUT_OF_RESOURCES if exc.errno == 28 else STORAGE_FAILED, "could not store the instance")
+        try:
+            offset = dataset_offset(staged)
+            header = read_received_file(staged, offset, transfer_syntax)
+        except InvalidUIDError as exc:
+            log.warning("instance %s from %s@%s refused: %s", sop_instance, caller.ae_title, caller.host, exc)
+            return _status(INVALID_UID, str(exc).split(":")[0])
+        except MalformedDatasetError as exc:
+            log.warning("instance %s from %s@%s refused: malformed: %s",
+                        sop_instance, caller.ae_title, caller.host, exc)  # fmt: skip
+            return _status(MALFORMED_DATASET, f"malformed dataset: {exc}")
+        if header.sop_instance_uid != sop_instance or header.sop_class_uid != sop_class:
+            log.warning("instance %s from %s@%s refused: dataset UIDs differ from the request",
+                        sop_instance, caller.ae_title, caller.host)  # fmt: skip
+            return _status(DATASET_MISMATCH, "SOP Class/Instance UID differ from the C-STORE request")
+        try:
+            self.spool.ensure_reserve(staged.stat().st_size)
+            stored = self._spool(staging_file, staged, offset, header, transfer_syntax)
+        except InsufficientSpaceError as exc:
+            log.error("instance %s from %s@%s refused: %s", sop_instance, caller.ae_title, caller.host, exc)
+            return _status(OUT_OF_RESOURCES, "storage below its free-space reserve")
+        except OSError as exc:
+            log.error("instance %s: spool write failed: %s", sop_instance, _safe_error(exc))
+            return _status(OUT_OF_RESOURCES if exc.errno == 28 else STORAGE_FAILED, "could not store the instance")
+        return self._record(caller, header, stored, transfer_syntax, started)
+
+    def _spool(
+        self, staging_file: StagingFile | None, staged: Path, offset: int, header: Any, transfer_syntax: str
+    ) -> SpooledFile:
+        """Fast path: the staged file already is the final file (see dicom_io.staging); else copy it."""
+        if staging_file is not None:
+            staging_file.fsync()
+            return self.spool.adopt(
+                staged,
+                staging_file.sha256(),
+                staging_file.size,
+                header.study_uid,
+                header.series_uid,
+                header.sop_instance_uid,
+            )
+        meta = part10_header(header.sop_class_uid, header.sop_instance_uid, transfer_syntax)
+        chunks = _file_chunks(staged, offset, meta)
+        return self.spool.write(header.study_uid, header.series_uid, header.sop_instance_uid, chunks)
+
+    def _record(self, caller: Caller, header: Any, stored: SpooledFile, transfer_syntax: str, started: float) -> Any:
+        try:
+            result = record_with_retry(
+                self.factory,
+                header,
+                stored,
+                transfer_syntax_uid=transfer_syntax,
+                calling_ae=caller.ae_title,
+                calling_host=caller.host,
+            )
+        except IdentifierConflictError as exc:
+            self._discard(stored)
+            log.warning("instance %s refused: %s", header.sop_instance_uid, exc)
+            return _status(IDENTIFIER_CONFLICT, str(exc))
+        except SQLAlchemyError as exc:
+            self._discard(stored)
+            log.error("instance %s from %s@%s not recorded, database unavailable: %s",
+                      header.sop_instance_uid, caller.ae_title, caller.host, _safe_error(exc))  # fmt: skip
+            return _status(DATABASE_UNAVAILABLE, "database unavailable, please retry")
+        if result.outcome is Outcome.DUPLICATE:
+            log.info("instance %s from %s@%s is a duplicate of version %d: acknowledged, not stored again",
+                     header.sop_instance_uid, caller.ae_title, caller.host, result.version)  # fmt: skip
+        elif result.outcome is Outcome.NEW_VERSION:
+            log.warning("instance %s from %s@%s differs from the copy already stored: kept as version %d (flagged)",
+                        header.sop_instance_uid, caller.ae_title, caller.host, result.version)  # fmt: skip
+        else:
+            log.info("stored instance %s of study %s from %s@%s (%d bytes, %.0f ms)",
+                     header.sop_instance_uid, header.study_uid, caller.ae_title, caller.host, stored.size,
+                     (time.perf_counter() - started) * 1000)  # fmt: skip
+        return SUCCESS
+
+    def _discard(self, stored: SpooledFile) -> None:
+        try:
+            self.spool.discard(stored)
+        except OSError as exc:
+            log.error("could not remove unrecorded file %s: %s", stored.relative_path, _safe_error(exc))
+
+
+def build_ae(settings: Settings) -> AE:
+    """The pynetdicom AE with our contexts, limits and timeouts."""
+    cfg = settings.listener
+    ae = AE(ae_title=cfg.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.maximum_pdu_size = cfg.max_pdu
+    ae.maximum_associations = cfg.max_associations
+    ae.acse_timeout = cfg.acse_timeout_s
+    ae.dimse_timeout = cfg.dimse_timeout_s
+    ae.network_timeout = cfg.network_timeout_s
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    transfer_syntaxes = cfg.transfer_syntax_uids()
+    for sop_class in cfg.sop_class_uids():
+        ae.add_supported_context(sop_class, transfer_syntaxes)
+    return ae
+
+
+@dataclass
+class ListenerHandle:
+    """A running listener: what to stop, and where it listens."""
+
+    ae: AE
+    server: ThreadedAssociationServer
+    engine: Engine
+    handoff: Any | None
+    host: str
+    port: int
+    scp: StorageSCP
+    _stopped: bool = field(default=False)
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.handoff is not None:
+            self.handoff.stop()
+        self.server.shutdown()
+        self.ae.shutdown()
+        self.engine.dispose()
+        log.info("listener stopped")
+
+
+def _quiet_pynetdicom(settings: Settings) -> None:
+    # pynetdicom dumps whole datasets (patient names and IDs) at DEBUG: never below INFO.
+    logger = logging.getLogger("pynetdicom")
+    if logger.getEffectiveLevel() < logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+def start(settings: Settings, *, with_handoff: bool = True) -> ListenerHandle:
+    """Start the listener (and the hand-off thread) in background threads; returns at once."""
+    from worker.celery_app import make_celery
+    from worker.handoff import HandoffThread, celery_publisher
+
+    _quiet_pynetdicom(settings)
+    spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
+    swept = spool.sweep_staging()
+    if swept:
+        log.warning("removed %d partial file(s) left in the spool by an earlier crash", swept)
+    engine = make_engine(
+        settings.database.url, hide_parameters=True, pool_size=settings.listener.max_associations + 2, max_overflow=4
+    )
+    factory = make_sessionmaker(engine)
+    scp = StorageSCP(settings, spool, factory)
+    ae = build_ae(settings)
+    install(ae, spool.staging)
+    handlers = [
+        (evt.EVT_REQUESTED, scp.handle_requested),
+        (evt.EVT_ACCEPTED, scp.handle_accepted),
+        (evt.EVT_C_ECHO, scp.handle_echo),
+        (evt.EVT_C_STORE, scp.handle_store),
+    ]
+    cfg = settings.listener
+    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+    host, port = server.server_address[:2]
+    handoff = None
+    if with_handoff:
+        handoff = HandoffThread(settings, factory, celery_publisher(make_celery(settings)))
+        handoff.start()
+    if cfg.allowed_callers is None:
+        log.warning("listener.allowed_callers is not set: any calling AE title is accepted")
+    log.info("listening as AE %s on %s:%d", cfg.ae_title, host, port)
+    return ListenerHandle(ae, server, engine, handoff, str(host), int(port), scp)
+
+
+def serve(settings: Settings) -> None:
+    """Run the listener until SIGINT or SIGTERM (what `xray-triage listen` does)."""
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handle = start(settings)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        handle.stop()
+        for sig, old in previous.items():
+            signal.signal(sig, old)

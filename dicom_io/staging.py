@@ -1,0 +1,226 @@
+"""Stream each incoming C-STORE dataset straight into the spool, hashing it on the way in.
+
+With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes every received dataset, behind a file
+meta header, to a ``NamedTemporaryFile`` in the system temp folder; the handler would then
+have to read it back, hash it and copy it into the spool: the same 10-50 MB touched three
+more times while the modality waits for its status.  Here pynetdicom's temporary file is
+replaced by one created *inside the spool's staging folder* that updates a SHA-256 as the
+fragments arrive, and its file meta carries our own implementation UID.  When the last
+fragment is in, the file already is the final Part-10 file: the handler only fsyncs it and
+links it under its final name.
+
+pynetdicom offers no hook for this, so two names in ``pynetdicom.dimse_messages`` are
+replaced (pinned to pynetdicom 3.x in setup.cfg).  The replacement falls back to the original
+behaviour for associations of any AE not registered here, and the listener falls back to the
+copy path for any file that is not a StagingFile, so a pynetdicom change degrades speed, not
+correctness.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import queue
+import sys
+import tempfile
+import threading
+import weakref
+from functools import partial
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import dimse_messages
+from pynetdicom.dsutils import create_file_meta as _pynetdicom_create_file_meta
+
+# Our own Implementation Class UID (a UUID-derived 2.25 root, PS3.5 B.2) and version name.
+# Stored files carry these instead of the library defaults, so the bytes we write (and their
+# SHA-256) do not change when pydicom or pynetdicom is upgraded.
+IMPLEMENTATION_CLASS_UID = "2.25.168776540640831845681577209773524712428"
+IMPLEMENTATION_VERSION_NAME = "XRAY_TRIAGE_1"
+
+STAGING_SUFFIX = ".part"
+# Start writing to disk every this many bytes while the transfer is still running, so the
+# fsync the modality waits for at the end only has the tail left to write.
+EARLY_WRITEBACK_BYTES = 2 * 1024 * 1024
+# Received fragments waiting for the writer thread (a fragment is at most one PDU).
+QUEUE_FRAGMENTS = 256
+OWNER_CHECK_S = 2.0
+
+_create_file_meta = partial(
+    _pynetdicom_create_file_meta,
+    implementation_uid=IMPLEMENTATION_CLASS_UID,
+    implementation_version=IMPLEMENTATION_VERSION_NAME,
+)
+_original_named_temporary_file = dimse_messages.NamedTemporaryFile
+_staging_dirs: weakref.WeakKeyDictionary[Any, Path] = weakref.WeakKeyDictionary()
+_install_lock = threading.Lock()
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, 'DICM' and File Meta Information exactly as a StagingFile receives them.
+
+    Deterministic (no time, no calling AE), so the same dataset always yields the same file
+    and the file's SHA-256 identifies its content.
+    """
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(
+        DicomFileLike(buf),
+        _create_file_meta(
+            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax_uid
+        ),
+    )
+    return buf.getvalue()
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        func = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_sync_file_range = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask Linux to start writing a byte range to disk without waiting (sync_file_range(2)).
+
+    Not a durability guarantee (the final fsync is); it only spreads the disk writes over
+    the transfer.  A no-op where the call is unavailable.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class _NoFlush:
+    """pynetdicom calls ``file.flush()`` after every fragment; the writer thread writes unbuffered."""
+
+    def flush(self) -> None:
+        return None
+
+
+class StagingFile:
+    """The part of NamedTemporaryFile pynetdicom uses (write, file.flush, name, close), written and hashed off-thread.
+
+    pynetdicom calls `write` from the association's network thread for every received
+    fragment.  Hashing and writing there would stall reading the socket (a 10 MB image costs
+    about 15 ms of SHA-256 alone), so fragments are handed to a writer thread that hashes,
+    writes and starts write-back on the other CPU while the network thread reads on.
+    `finish` waits for the writer; the listener calls it before touching the file.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, suffix=STAGING_SUFFIX)
+        self.name = name
+        self.file = _NoFlush()
+        self._fio = os.fdopen(fd, "wb", buffering=0)
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self._written_back = 0
+        self._error: OSError | None = None
+        self._abandoned = False
+        self._finished = False
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_FRAGMENTS)
+        # The network thread that feeds us: if it dies mid-transfer (peer aborted), nobody
+        # will ever call finish/close, so the writer cleans up by itself.
+        self._owner = threading.current_thread()
+        self._writer = threading.Thread(target=self._drain, name="xray-triage-staging", daemon=True)
+        self._writer.start()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._queue.put(data if isinstance(data, bytes) else bytes(data))
+        return len(data)
+
+    def _store(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = self._fio.write(view) or 0
+            view = view[written:]
+        self.size += len(chunk)
+        if self.size - self._written_back >= EARLY_WRITEBACK_BYTES:
+            start_writeback(self._fio.fileno(), self._written_back, self.size - self._written_back)
+            self._written_back = self.size
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = self._queue.get(timeout=OWNER_CHECK_S)
+            except queue.Empty:
+                if not self._owner.is_alive():
+                    self._abandon()
+                    return
+                continue
+            if chunk is None:
+                return
+            if self._error is None:
+                try:
+                    self._store(chunk)
+                except OSError as exc:  # e.g. disk full: reported by finish(), the sender gets a failure
+                    self._error = exc
+
+    def _abandon(self) -> None:
+        self._abandoned = True
+        self._fio.close()
+        Path(self.name).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """Wait until every received byte is in the file; raise the writer's OSError if it had one."""
+        if not self._finished:
+            self._queue.put(None)
+            self._writer.join()
+            self._finished = True
+        if self._abandoned:
+            raise OSError("transfer abandoned: the association ended before the dataset was complete")
+        if self._error is not None:
+            raise self._error
+
+    def sha256(self) -> str:
+        self.finish()
+        return self._sha.hexdigest()
+
+    def fsync(self) -> None:
+        self.finish()
+        os.fsync(self._fio.fileno())
+
+    def close(self) -> None:
+        try:
+            self.finish()
+        except OSError:
+            pass
+        if not self._fio.closed:
+            self._fio.close()
+
+
+def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
+    """pynetdicom's NamedTemporaryFile call, redirected for associations of registered AEs."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    folder = _staging_dirs.get(getattr(assoc, "ae", None)) if assoc is not None else None
+    if folder is None:
+        return _original_named_temporary_file(*args, **kwargs)
+    return StagingFile(folder)
+
+
+def install(ae: Any, staging_dir: Path) -> None:
+    """Make datasets received by `ae` stream into `staging_dir` (idempotent)."""
+    with _install_lock:
+        dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[assignment]
+        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
+        _staging_dirs[ae] = Path(staging_dir)
+
+
+def staged_file(request: Any) -> StagingFile | None:
+    """The StagingFile behind a C-STORE request, or None when pynetdicom used its own temp file."""
+    candidate = getattr(request, "_dataset_file", None)
+    return candidate if isinstance(candidate, StagingFile) else None
