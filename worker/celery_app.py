@@ -45,8 +45,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     if url.startswith("sqla+"):
-        # kombu's SQL transport polls; keep hand-off latency well under a second.
-        app.conf.broker_transport_options = {"polling_interval": 0.2}
+        # kombu's SQL transport hands every transport option to sqlalchemy.create_engine(), which
+        # rejects unknown ones (visibility_timeout, polling_interval), so it gets none; it then
+        # polls once a second, fast enough for a hand-off that already waits a stability window.
+        app.conf.broker_transport_options = {}
     return app
 
 

@@ -1,0 +1,156 @@
+"""Hand quiet studies to the Celery queue: exactly once per stable state, never lost.
+
+A study is handed off when no instance has arrived for the stability window.  The claim is
+one conditional UPDATE (receiving -> queued, generation + 1) so that of several listeners or
+threads scanning the same database exactly one wins.  The message is published *inside* the
+claiming transaction and the transaction commits only after the broker accepted it: if
+publishing fails the claim rolls back and the next scan tries again.  The worst case (commit
+lost after a successful publish) is a duplicate message with the same generation, which the
+worker recognises; a lost hand-off cannot happen.
+
+The scan is driven by the database alone, so a listener restarted between receipt and
+hand-off finds its pending studies again on its first scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Study, StudyState, utcnow
+from db.session import session_scope
+from db.transitions import move_state
+from dicom_io.ingest import is_urgent
+from worker.celery_app import PROCESS_STUDY_TASK
+from worker.config import QueuesConfig, Settings
+
+log = logging.getLogger("xray_triage.handoff")
+
+SCAN_BATCH = 100
+
+
+@dataclass(frozen=True)
+class Handoff:
+    study_uid: str
+    generation: int
+    queue: str
+
+
+Publisher = Callable[[Handoff], None]
+
+
+def queue_for(requested_priority: str | None, queues: QueuesConfig) -> str:
+    """STAT/HIGH requests go to the urgent queue so a separate worker pool can serve them first."""
+    return queues.urgent if is_urgent(requested_priority) else queues.routine
+
+
+def celery_publisher(app: Celery) -> Publisher:
+    """Publish a hand-off as the process_study task message: identifiers only, never pixels."""
+
+    def publish(handoff: Handoff) -> None:
+        app.send_task(PROCESS_STUDY_TASK, args=[handoff.study_uid, handoff.generation], queue=handoff.queue)
+
+    return publish
+
+
+def due_studies(session: Session, cutoff: datetime, limit: int = SCAN_BATCH) -> list[tuple[int, str, str | None]]:
+    """(id, Study UID, requested priority) of studies quiet since `cutoff`, oldest first."""
+    rows = session.execute(
+        select(Study.id, Study.study_uid, Study.requested_priority)
+        .where(Study.state == StudyState.RECEIVING, Study.last_instance_at <= cutoff)
+        .order_by(Study.last_instance_at)
+        .limit(limit)
+    ).all()
+    return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+
+def claim_and_publish(
+    factory: sessionmaker[Session],
+    study_id: int,
+    study_uid: str,
+    queue: str,
+    cutoff: datetime,
+    now: datetime,
+    publish: Publisher,
+) -> Handoff | None:
+    """Claim one study and publish it in one transaction; None if another scanner won or it got busy again.
+
+    Exceptions from `publish` propagate after the claim is rolled back.
+    """
+    with session_scope(factory) as session:
+        won = move_state(
+            session,
+            study_id,
+            StudyState.RECEIVING,
+            StudyState.QUEUED,
+            now,
+            where=[Study.last_instance_at <= cutoff],
+            values={"handoff_generation": Study.handoff_generation + 1, "queued_at": now, "queue_name": queue},
+        )
+        if not won:
+            return None
+        generation = int(session.scalar(select(Study.handoff_generation).where(Study.id == study_id)) or 0)
+        handoff = Handoff(study_uid, generation, queue)
+        publish(handoff)
+        return handoff
+
+
+def scan_once(
+    factory: sessionmaker[Session],
+    publish: Publisher,
+    window_s: float,
+    queues: QueuesConfig,
+    now: datetime | None = None,
+) -> list[Handoff]:
+    """Hand off every study that has been quiet for `window_s`; returns what was published.
+
+    Stops at the first publish failure (the broker is probably down) and leaves the rest
+    for the next scan.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=window_s)
+    with factory() as session:
+        candidates = due_studies(session, cutoff)
+    done: list[Handoff] = []
+    for study_id, study_uid, priority in candidates:
+        queue = queue_for(priority, queues)
+        try:
+            handoff = claim_and_publish(factory, study_id, study_uid, queue, cutoff, now, publish)
+        except Exception as exc:  # noqa: BLE001 - broker or database down: roll back, retry next scan
+            log.warning("hand-off of study %s failed, will retry: %s: %s", study_uid, type(exc).__name__, exc)
+            break
+        if handoff is not None:
+            log.info("study %s queued on %s (generation %d)", study_uid, queue, handoff.generation)
+            done.append(handoff)
+    return done
+
+
+class HandoffThread(threading.Thread):
+    """Runs scan_once every poll interval until stopped; survives database and broker outages."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session], publish: Publisher) -> None:
+        super().__init__(name="xray-triage-handoff", daemon=True)
+        self.settings = settings
+        self.factory = factory
+        self.publish = publish
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        cfg = self.settings.handoff
+        while not self._stop_event.is_set():
+            try:
+                scan_once(self.factory, self.publish, cfg.stability_window_s, self.settings.queues)
+            except Exception as exc:  # noqa: BLE001 - e.g. database unreachable; keep scanning
+                log.warning("hand-off scan failed, will retry: %s: %s", type(exc).__name__, exc)
+            self._stop_event.wait(cfg.poll_interval_s)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop_event.set()
+        self.join(timeout)

@@ -1,0 +1,113 @@
+"""Process management: a Celery worker, and `run` = listener + worker as child processes.
+
+`run` is what a newcomer starts (`make run`), so it prints where to push and stops both
+children cleanly on Ctrl-C; in production the two are separate services.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from worker.config import Settings
+
+log = logging.getLogger("xray_triage.runner")
+
+STOP_GRACE_S = 15.0
+
+
+def worker_argv(settings: Settings, queues: Sequence[str], concurrency: int) -> list[str]:
+    """Arguments for celery's worker_main.
+
+    Gossip, mingle and heartbeats need broadcast support the embedded SQL transport lacks,
+    and a triage worker needs none of them.
+    """
+    return [
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "--concurrency",
+        str(max(1, concurrency)),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        settings.log_level,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-n",
+        f"xray-triage-{os.getpid()}@%h",
+    ]
+
+
+def run_worker(settings: Settings, queues: Sequence[str], concurrency: int = 1) -> int:
+    """Run a Celery worker in this process until it is stopped (blocking)."""
+    from worker.celery_app import make_celery
+    from worker.tasks import register_tasks
+
+    app = make_celery(settings)
+    register_tasks(app, settings)
+    app.worker_main(worker_argv(settings, queues, concurrency))
+    return 0
+
+
+def _child_command(config_path: str | None, *args: str) -> list[str]:
+    cmd = [sys.executable, "-m", "worker.cli"]
+    if config_path:
+        cmd += ["--config", config_path]
+    return [*cmd, *args]
+
+
+def _stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def run_all(settings: Settings, config_path: str | None = None, concurrency: int = 1) -> int:
+    """Listener and worker as child processes; returns when either exits or on Ctrl-C/SIGTERM."""
+    cfg = settings.listener
+    children = [
+        subprocess.Popen(_child_command(config_path, "listen")),
+        subprocess.Popen(_child_command(config_path, "worker", "--concurrency", str(concurrency))),
+    ]
+    print(
+        f"xray-triage is running. Push DICOM to AE title {cfg.ae_title} at {cfg.bind_address}:{cfg.port}\n"
+        f"  e.g. storescu -aec {cfg.ae_title} {cfg.bind_address} {cfg.port} image.dcm\n"
+        "Ctrl-C stops the listener and the worker.",
+        flush=True,
+    )
+    terminated = False
+
+    def _on_term(signum: int, _frame: object) -> None:
+        nonlocal terminated
+        terminated = True
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
+    code = 0
+    try:
+        while not terminated:
+            exited = [c for c in children if c.poll() is not None]
+            if exited:
+                code = exited[0].returncode or 1
+                log.error("a child process exited with status %s; stopping the other", exited[0].returncode)
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop(children)
+        signal.signal(signal.SIGTERM, previous)
+    return code
