@@ -1,0 +1,217 @@
+"""Load a saved model once and score images with it: the API the worker and ``predict`` call.
+
+A model folder holds ``model.keras`` and ``card.json``.  The default is ``models/default``;
+another is chosen with the ``XRAY_TRIAGE_MODEL`` environment variable (a folder or a
+``.keras`` file) or, where the configuration has a ``model.path`` key, by configuration.
+
+    model = TriageModel.load()                    # once per process
+    scores = model.score_tensors(batch)           # (n, 224, 224, 1) -> list of {finding: p}
+    result = model.score_files(["a.dcm", "b.png"])  # eligibility + pixels + scores + flags
+    maps, _ = model.heatmaps(batch, "pneumonia")  # (n, 1, 224, 224) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.card import ModelCard
+from models.findings import DISCLAIMER, FINDING_NAMES, get_finding
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL_DIR = MODELS_DIR / "default"
+MODEL_ENV = "XRAY_TRIAGE_MODEL"
+MODEL_FILE = "model.keras"
+
+
+def resolve_model_path(path: str | os.PathLike[str] | None = None, settings: Any = None) -> Path:
+    """Explicit path, else configuration ``model.path``, else $XRAY_TRIAGE_MODEL, else models/default."""
+    if path is None and settings is not None:
+        section = getattr(settings, "model", None)
+        path = getattr(section, "path", None) if section is not None else None
+    if path is None:
+        path = os.environ.get(MODEL_ENV) or DEFAULT_MODEL_DIR
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+    if not p.exists():
+        raise FileNotFoundError(f"model not found: {p} (run `make train`, or set {MODEL_ENV})")
+    return p
+
+
+def load_keras_model(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.keras`` file without its training configuration (inference needs no loss)."""
+    import keras
+
+    import training.dataset  # noqa: F401 - registers the masked loss for files saved with it
+
+    return keras.saving.load_model(str(path), compile=False)
+
+
+@dataclass
+class ImageResult:
+    """One scored file, in the shape `predict --json` prints."""
+
+    path: str
+    eligible: bool
+    reason: str | None
+    scores: dict[str, float] | None
+    flags: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "eligible": self.eligible,
+            "reason": self.reason,
+            "scores": self.scores,
+            "flags": self.flags,
+            "model": self.model,
+        }
+
+
+class TriageModel:
+    """A loaded model and its card; thread-compatible for inference (Keras predict)."""
+
+    def __init__(self, keras_model: Any, card: ModelCard, path: Path | None = None) -> None:
+        self.keras_model = keras_model
+        self.card = card
+        self.path = path
+        missing = [f for f in FINDING_NAMES if f not in card.findings]
+        if missing:
+            log.warning("model %s does not score %s", card.ref, ", ".join(missing))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, settings: Any = None) -> TriageModel:
+        p = resolve_model_path(path, settings)
+        card_path = p.parent / "card.json"
+        model = load_keras_model(p)
+        if card_path.exists():
+            card = ModelCard.load(card_path)
+        else:
+            card = ModelCard(name=p.stem, version="unversioned", architecture=model.name)
+        card.input_size = int(model.inputs[0].shape[1])
+        _check_pipeline(card)
+        return cls(model, card, p)
+
+    @property
+    def ref(self) -> str:
+        return self.card.ref
+
+    @property
+    def input_size(self) -> int:
+        return int(self.card.input_size)
+
+    def threshold(self, finding: str) -> float:
+        return float(self.card.thresholds.get(finding, get_finding(finding).default_threshold))
+
+    def predict_tensors(self, batch: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """(n, H, W, 1) pixel-path tensors -> (n, n_findings) probabilities."""
+        batch = np.asarray(batch, dtype="float32")
+        if batch.ndim == 3:
+            batch = batch[None]
+        out = []
+        for s in range(0, len(batch), batch_size):
+            out.append(np.asarray(self.keras_model.predict_on_batch(batch[s : s + batch_size]), dtype="float32"))
+        return np.concatenate(out) if out else np.zeros((0, len(self.card.findings)), dtype="float32")
+
+    def score_tensors(self, batch: np.ndarray, batch_size: int = 16) -> list[dict[str, float]]:
+        probs = self.predict_tensors(batch, batch_size)
+        return [{f: float(p[i]) for i, f in enumerate(self.card.findings)} for p in probs]
+
+    def flags(self, scores: dict[str, float]) -> dict[str, bool]:
+        """Score >= the card's operating threshold (chosen for the target sensitivity)."""
+        return {f: bool(s >= self.threshold(f)) for f, s in scores.items()}
+
+    def heatmaps(self, batch: np.ndarray, findings: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from models.gradcam import gradcam
+
+        return gradcam(self.keras_model, batch, findings)
+
+    def score_files(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 16) -> list[ImageResult]:
+        """Eligibility, pixel path and scores for files (DICOM, PNG, JPEG), one result per file."""
+        from dicom_io.pixels import to_model_tensor
+
+        results: list[ImageResult] = []
+        tensors: list[np.ndarray] = []
+        slots: list[int] = []
+        for p in paths:
+            res = ImageResult(path=str(p), eligible=False, reason=None, scores=None, model=self.ref)
+            try:
+                header, pixel_source = _read_header(Path(p))
+                elig = _eligibility(header)
+                res.eligible = bool(elig.eligible)
+                res.reason = elig.reason
+                res.flags = {"notes": list(getattr(elig, "flags", ()))}
+                tensors.append(to_model_tensor(pixel_source, size=self.input_size))
+                slots.append(len(results))
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+                res.eligible = False
+                res.reason = f"{type(exc).__name__}: {exc}"
+            results.append(res)
+        if tensors:
+            scored = self.score_tensors(np.stack(tensors), batch_size)
+            for slot, s in zip(slots, scored, strict=True):
+                r = results[slot]
+                r.scores = s
+                flags = self.flags(s) if r.eligible else {f: False for f in s}
+                r.flags = {**flags, **r.flags, "disclaimer": DISCLAIMER}
+        return results
+
+
+def _read_header(path: Path) -> tuple[Any, Any]:
+    """(pydicom Dataset or None, what to hand the pixel path).  Non-DICOM files have no header."""
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    is_png = head.startswith(b"\x89PNG")
+    is_jpeg = head.startswith(b"\xff\xd8")
+    if is_png or is_jpeg:
+        return None, path
+    import pydicom
+
+    ds = pydicom.dcmread(str(path), force=True)
+    return ds, ds
+
+
+def _eligibility(header: Any) -> Any:
+    from dicom_io.eligibility import check_eligibility
+    from worker.config import load_settings
+
+    try:
+        rules = load_settings().eligibility
+    except Exception:  # noqa: BLE001 - a bad config must not stop predict; the defaults apply
+        rules = None
+    return check_eligibility(header, rules)
+
+
+def _check_pipeline(card: ModelCard) -> None:
+    try:
+        from dicom_io.pixels import PIPELINE_VERSION
+    except ImportError:  # pragma: no cover
+        return
+    if card.preprocessing_version and card.preprocessing_version != PIPELINE_VERSION:
+        log.warning(
+            "model %s was trained on pixel pipeline %s but this build runs %s: scores may shift",
+            card.ref,
+            card.preprocessing_version,
+            PIPELINE_VERSION,
+        )
+
+
+_LOADED: dict[str, TriageModel] = {}
+
+
+def get_model(path: str | os.PathLike[str] | None = None, settings: Any = None) -> TriageModel:
+    """Process-wide cache: the worker loads a model once, not once per study."""
+    key = str(resolve_model_path(path, settings))
+    if key not in _LOADED:
+        _LOADED[key] = TriageModel.load(key)
+    return _LOADED[key]

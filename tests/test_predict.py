@@ -1,0 +1,65 @@
+"""`xray-triage predict --json` on the real DICOM files: the stable interface of the model."""
+
+from __future__ import annotations
+
+import json
+
+from models.findings import DISCLAIMER, FINDING_NAMES
+from tests.conftest import pydicom_data_file, shared_file
+from worker.cli import main
+
+KEYS = {"path", "eligible", "reason", "scores", "flags", "model"}
+
+
+def _predict(model_dir, files, capsys, json_out=True):
+    argv = ["predict", "--model", str(model_dir), *map(str, files)]
+    rc = main([*argv, "--json"] if json_out else argv)
+    out = capsys.readouterr().out
+    return rc, out
+
+
+def test_predict_json_on_real_dicom(tiny_model_dir, capsys):
+    files = [
+        shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm"),
+        shared_file("dicom", "nema_cr_mono1_10bit_chest_no_meta.dcm"),
+        shared_file("dicom", "dx_for_presentation_animal_lateral.dcm"),
+        pydicom_data_file("RG1_UNCR.dcm"),
+        shared_file("kermany", "train", "NORMAL", "IM-0115-0001.jpeg"),
+    ]
+    rc, out = _predict(tiny_model_dir, files, capsys)
+    assert rc == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == len(files)
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    for r in rows:
+        assert set(r) == KEYS
+        assert r["model"] == "tiny@0.0.1"
+    siim = by_name["siim_cr_chest_pa_jpeg_baseline.dcm"]
+    assert siim["eligible"] is True and siim["reason"] is None
+    assert list(siim["scores"]) == list(FINDING_NAMES)
+    assert all(0.0 <= v <= 1.0 for v in siim["scores"].values())
+    assert all(isinstance(siim["flags"][f], bool) for f in FINDING_NAMES)
+    animal = by_name["dx_for_presentation_animal_lateral.dcm"]
+    assert animal["eligible"] is False and animal["reason"]
+    assert not any(animal["flags"].get(f) for f in FINDING_NAMES)  # never flagged when ineligible
+    jpeg = by_name["IM-0115-0001.jpeg"]
+    assert jpeg["eligible"] is True and jpeg["scores"] is not None  # header-less images are scored
+
+
+def test_predict_reports_unreadable_files_per_line(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "not_an_image.dcm"
+    bad.write_bytes(b"this is not DICOM")
+    good = shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")
+    rc, out = _predict(tiny_model_dir, [bad, good], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0
+    assert rows[0]["scores"] is None and rows[0]["eligible"] is False and rows[0]["reason"]
+    assert rows[1]["scores"] is not None
+
+
+def test_predict_human_format_carries_disclaimer(tiny_model_dir, capsys):
+    rc, out = _predict(
+        tiny_model_dir, [shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")], capsys, json_out=False
+    )
+    assert rc == 0
+    assert DISCLAIMER in out and "pneumonia" in out and "threshold" in out

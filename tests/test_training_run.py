@@ -1,0 +1,76 @@
+"""A tiny real training run (a few steps on a few dozen real images): save, reload, predict,
+resume, and an evaluation report with sane values.  The full training never runs in CI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from dicom_io.pixels import to_model_tensor
+from models.findings import DISCLAIMER, FINDING_NAMES
+from models.registry import TriageModel
+from tests.conftest import shared_file
+from tests.plugins.training import tiny_config
+from training.evaluate import evaluate
+from training.splits import leaked_patients, read_split
+from training.train import train
+
+
+def test_tiny_run_saves_reloads_and_predicts(tiny_model_dir):
+    files = {p.name for p in tiny_model_dir.iterdir()}
+    assert {"model.keras", "card.json", "card.md", "split.csv", "history.csv"} <= files
+    assert leaked_patients(read_split(tiny_model_dir / "split.csv")) == set()
+    with (tiny_model_dir / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]  # one log line per epoch
+    model = TriageModel.load(tiny_model_dir)
+    x = np.stack([to_model_tensor(shared_file("kermany", "train", "NORMAL", "IM-0115-0001.jpeg"))])
+    scores = model.score_tensors(x)
+    assert list(scores[0]) == list(FINDING_NAMES)
+    assert all(0.0 <= v <= 1.0 for v in scores[0].values())
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    cfg = tiny_config(tmp_path, name="resumable", epochs=1)
+    train(cfg, resume=False, progress=False)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["epoch"] == 1
+    split_before = (tmp_path / "run" / "split.csv").read_bytes()
+    cfg.train["epochs"] = 2  # a longer budget: the second call trains only epoch 2
+    train(cfg, resume=True, progress=False)
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["epoch"] == 2
+    assert (tmp_path / "run" / "split.csv").read_bytes() == split_before
+    with (tmp_path / "run" / "history.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]
+
+
+def test_evaluation_report(tiny_model_dir, tmp_path):
+    out = evaluate(
+        tiny_model_dir,
+        tiny_model_dir / "split.csv",
+        out_dir=tmp_path / "report",
+        split="all",
+        compare=tiny_model_dir,
+        n_boot=50,
+        n_examples=4,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["disclaimer"] == DISCLAIMER and metrics["split_file_sha256"]
+    for name in FINDING_NAMES:
+        m = metrics["findings"][name]
+        if m["n_pos"] and m["n_neg"]:
+            assert 0.0 <= m["auc"] <= 1.0
+            lo, hi = m["auc_ci95"]
+            assert lo <= m["auc"] + 1e-9 and m["auc"] - 1e-9 <= hi
+            op = m["operating_point"]
+            assert op["tp"] + op["fn"] == m["n_pos"] and op["tn"] + op["fp"] == m["n_neg"]
+            assert 0.0 <= m["brier"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
+    assert metrics["comparison"]["findings"]["pneumonia"]["auc"] == metrics["findings"]["pneumonia"]["auc"]
+    for png in ("roc", "pr", "confusion", "confidence", "calibration", "history", "examples"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    report = (out / "report.md").read_text()
+    assert DISCLAIMER in report and "![ROC curves](roc.png)" in report and "AUC [95% CI]" in report

@@ -1,0 +1,221 @@
+"""Pixel cache, balanced batch sampling and the masked loss.
+
+Decoding a 512-px PNG and letterboxing it costs more than a training step at our resolution,
+so every image goes through ``dicom_io.pixels.to_model_tensor`` exactly once and the result is
+cached as float16 under ``training/cache`` (gitignored).  The cache key includes the pixel
+pipeline version, so a change in the pixel path invalidates it instead of silently training
+on pixels the worker no longer produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from models.findings import FINDING_NAMES, UNLABELLED, labels_array
+from training.readers import Record
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE_DIR = REPO / "training" / "cache"
+
+
+def pixel_tensor(source: Any, size: int) -> np.ndarray:
+    """The one pixel path (shared with the worker); imported lazily so readers work without it."""
+    from dicom_io.pixels import to_model_tensor
+
+    return to_model_tensor(source, size=size)
+
+
+def pipeline_version() -> str:
+    from dicom_io.pixels import PIPELINE_VERSION
+
+    return str(PIPELINE_VERSION)
+
+
+def _cache_key(paths: Sequence[Path], size: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"{pipeline_version()}|{size}".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"|{p}|{st.st_size}".encode())
+    return h.hexdigest()[:20]
+
+
+def load_tensors(
+    records: Sequence[Record],
+    size: int = 224,
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """(n, size, size, 1) float16 tensors for ``records``, read from or written to the cache."""
+    paths = [Path(r.path) for r in records]
+    cache_file: Path | None = None
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        cache_file = cache_dir / f"pixels-{_cache_key(paths, size)}.npy"
+        if cache_file.exists():
+            arr = np.load(cache_file, mmap_mode="r")
+            if arr.shape == (len(paths), size, size, 1):
+                return np.asarray(arr)
+    out = np.empty((len(paths), size, size, 1), dtype=np.float16)
+
+    def work(i: int) -> None:
+        out[i] = pixel_tensor(paths[i], size).astype(np.float16)
+
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(n_workers) as pool:
+        it = pool.map(work, range(len(paths)))
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, total=len(paths), desc=f"pixel path ({size}px)", mininterval=5, unit="img")
+        for _ in it:
+            pass
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp.npy")
+        np.save(tmp, out)
+        os.replace(tmp, cache_file)
+        (cache_file.with_suffix(".json")).write_text(
+            json.dumps({"pipeline_version": pipeline_version(), "size": size, "paths": [str(p) for p in paths]})
+        )
+    return out
+
+
+def record_labels(records: Sequence[Record]) -> np.ndarray:
+    return labels_array([r.labels for r in records])
+
+
+class BalancedBatches(keras.utils.PyDataset):
+    """Batches drawn with replacement so that every batch mixes adult and paediatric images.
+
+    Adult labelled images are ~10% of what we have, yet adults are most of what the worker will
+    see; a fixed adult share per batch stops the paediatric set from dominating every gradient.
+    Each epoch's draw is a pure function of (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        groups: Sequence[str],
+        batch_size: int = 32,
+        steps: int = 100,
+        group_fractions: dict[str, float] | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.x, self.y = x, y.astype("float32")
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        groups_arr = np.asarray(groups)
+        names = sorted(set(groups_arr.tolist()))
+        fractions = group_fractions or {g: 1.0 / len(names) for g in names}
+        present = {g: f for g, f in fractions.items() if g in names and f > 0}
+        total = sum(present.values())
+        self.pools = {g: np.flatnonzero(groups_arr == g) for g in present}
+        self.fractions = {g: f / total for g, f in present.items()}
+        self.epoch = 0
+        self._order = self._draw(0)
+
+    def sample_weights(self) -> np.ndarray:
+        """Expected draws per image per batch (for class weights under this sampling)."""
+        w = np.zeros(len(self.y), dtype="float64")
+        for g, idx in self.pools.items():
+            w[idx] = self.fractions[g] / max(1, len(idx))
+        return w
+
+    def _draw(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = self.batch_size * self.steps
+        groups = list(self.pools)
+        which = rng.choice(len(groups), size=n, p=[self.fractions[g] for g in groups])
+        order = np.empty(n, dtype=np.int64)
+        for gi, g in enumerate(groups):
+            sel = which == gi
+            order[sel] = rng.choice(self.pools[g], size=int(sel.sum()), replace=True)
+        return order
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._order = self._draw(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.sort(self._order[i * self.batch_size : (i + 1) * self.batch_size])
+        return self.x[idx].astype("float32"), self.y[idx]
+
+    def on_epoch_end(self) -> None:
+        self.set_epoch(self.epoch + 1)
+
+
+def balanced_class_weights(y: np.ndarray, sample_weight: np.ndarray, clip: float = 20.0) -> np.ndarray:
+    """(n_findings, 2) weights [neg, pos] that balance each finding under the actual sampling."""
+    out = np.ones((y.shape[1], 2), dtype="float32")
+    for j in range(y.shape[1]):
+        lab = y[:, j] != UNLABELLED
+        pos = float(sample_weight[lab & (y[:, j] == 1)].sum())
+        neg = float(sample_weight[lab & (y[:, j] == 0)].sum())
+        if pos > 0 and neg > 0:
+            p = pos / (pos + neg)
+            out[j] = np.clip([0.5 / (1 - p), 0.5 / p], 1.0 / clip, clip)
+    return out
+
+
+@keras.saving.register_keras_serializable(package="xray_triage")
+class MaskedBinaryCrossentropy(keras.losses.Loss):
+    """BCE over the findings a dataset labels; unlabelled (-1) entries contribute nothing.
+
+    Each dataset labels only some findings, so a plain BCE would need invented negatives.
+    ``class_weights`` is (n_findings, 2) [neg, pos] to balance rare positives.
+    """
+
+    def __init__(
+        self, class_weights: Sequence[Sequence[float]] | None = None, name: str = "masked_bce", **kwargs: Any
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.class_weights = None if class_weights is None else [list(map(float, w)) for w in class_weights]
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        y_true = ops.cast(y_true, "float32")
+        y_pred = ops.clip(ops.cast(y_pred, "float32"), 1e-6, 1.0 - 1e-6)
+        mask = ops.cast(ops.greater_equal(y_true, 0.0), "float32")
+        t = ops.clip(y_true, 0.0, 1.0)
+        bce = -(t * ops.log(y_pred) + (1.0 - t) * ops.log(1.0 - y_pred))
+        if self.class_weights is not None:
+            cw = ops.convert_to_tensor(np.asarray(self.class_weights, dtype="float32"))
+            w = t * cw[:, 1] + (1.0 - t) * cw[:, 0]
+            bce = bce * w
+        per_sample = ops.sum(bce * mask, axis=-1)
+        # Keras averages over the batch; rescale so the result is the mean over *labelled* entries,
+        # otherwise batches rich in partially-labelled images would get smaller gradients.
+        batch = ops.cast(ops.shape(mask)[0], "float32")
+        return per_sample * batch / ops.maximum(ops.sum(mask), 1.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "class_weights": self.class_weights}
+
+
+__all__ = [
+    "FINDING_NAMES",
+    "BalancedBatches",
+    "MaskedBinaryCrossentropy",
+    "balanced_class_weights",
+    "load_tensors",
+    "record_labels",
+]

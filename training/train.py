@@ -1,0 +1,423 @@
+"""`xray-triage train --config training/configs/<name>.yaml`: seeded, resumable training.
+
+One run folder (``training/runs/<name>``) holds the split CSV, ``last.keras`` (with optimizer
+state), ``best.keras``, ``state.json`` and the per-epoch log, so a run killed at epoch 9
+restarts at epoch 10 with the same split, the same batches and the same optimizer moments.
+At the end the best checkpoint is calibrated on validation (Platt, folded into the final
+layer), thresholds are chosen on validation for the target sensitivity, and the model is
+exported with its card to the config's ``output`` folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from models.architectures import LOGITS_LAYER, ArchConfig, AugmentConfig, build_model
+from models.card import ModelCard
+from models.findings import DEFAULT_TARGET_SENSITIVITY, FINDING_NAMES
+from training import metrics as M
+from training.readers import Record, read_dataset, read_shared_data, summarize
+from training.splits import apply_split, file_sha256, leaked_patients, patient_split, read_split, write_split
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class TrainConfig:
+    """The YAML config, validated; paths are relative to the repository root."""
+
+    name: str
+    version: str = "0.1.0"
+    seed: int = 20260401
+    data: dict[str, Any] = field(default_factory=lambda: {"root": "../shared/data"})
+    split: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    augment: dict[str, Any] | None = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    calibration: str = "platt"
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY
+    run_dir: str | None = None
+    output: str | None = None
+    cache_dir: str | None = "training/cache"
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict) or "name" not in data:
+            raise ValueError(f"{path}: a training config is a mapping with at least `name`")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+    def resolve(self, p: str | None, default: str) -> Path:
+        path = Path(p or default)
+        return path if path.is_absolute() else REPO / path
+
+    @property
+    def run_path(self) -> Path:
+        return self.resolve(self.run_dir, f"training/runs/{self.name}")
+
+    @property
+    def output_path(self) -> Path:
+        return self.resolve(self.output, f"models/{self.name}")
+
+    def hp(self, key: str, default: Any) -> Any:
+        return self.train.get(key, default)
+
+
+def load_records(cfg: TrainConfig) -> list[Record]:
+    """Every labelled record the config names, optionally limited per source (tiny test runs)."""
+    root = cfg.resolve(cfg.data.get("root"), "../shared/data")
+    datasets = cfg.data.get("datasets")
+    if not datasets:
+        records = read_shared_data(root)
+    else:
+        records = []
+        for d in datasets:
+            d = dict(d)
+            kind, path = d.pop("kind"), Path(d.pop("path"))
+            records += read_dataset(kind, path if path.is_absolute() else root / path, **d)
+    records = [r for r in records if r.is_labelled]
+    limit = cfg.data.get("limit_per_source")
+    if limit:
+        rng = np.random.default_rng(cfg.seed)
+        kept: list[Record] = []
+        by_source: dict[str, list[Record]] = {}
+        for r in records:
+            by_source.setdefault(r.source, []).append(r)
+        for src in sorted(by_source):
+            rs = by_source[src]
+            # keep both classes of the first labelled finding so tiny runs still have AUCs
+            rs_sorted = sorted(rs, key=lambda r: (r.labels, str(r.path)))
+            pick = rng.permutation(len(rs_sorted))[: int(limit)]
+            kept += [rs_sorted[i] for i in sorted(pick)]
+        records = kept
+    return records
+
+
+def make_split(cfg: TrainConfig, records: list[Record]) -> tuple[list[Record], Path, str]:
+    """Reuse the run's split file when resuming (same patients), else create and write it."""
+    split_file = cfg.run_path / "split.csv"
+    if split_file.exists():
+        return read_split(split_file), split_file, file_sha256(split_file)
+    fractions = tuple(cfg.split.get("fractions", (0.7, 0.15, 0.15)))
+    seed = int(cfg.split.get("seed", cfg.seed))
+    assignment = patient_split(records, fractions, seed, honour_given=bool(cfg.split.get("honour_given", False)))
+    recs = apply_split(records, assignment)
+    if leaked_patients(recs):  # pragma: no cover - patient_split guarantees this
+        raise RuntimeError("split leaks patients")
+    sha = write_split(recs, split_file)
+    # read back: the CSV's order is the canonical one, so a resumed run hits the same pixel cache
+    return read_split(split_file), split_file, sha
+
+
+def set_determinism(seed: int) -> None:
+    """Same seed, same run: Python, numpy and backend RNGs, and TF's deterministic kernels."""
+    import keras
+
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    keras.utils.set_random_seed(seed)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.experimental.enable_op_determinism()
+        except Exception:  # noqa: BLE001 - older TF: determinism is best effort
+            log.warning("TF op determinism not available")
+
+
+def _split_counts(recs: list[Record]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for s in ("train", "val", "test"):
+        rs = [r for r in recs if r.given_split == s]
+        out[s] = {"images": len(rs), "patients": len({r.patient_id for r in rs})}
+    return out
+
+
+class EpochLogger:
+    """Per-epoch validation AUCs, checkpoints, early stopping and the epoch log (resumable)."""
+
+    def __init__(self, run: Path, x_val: np.ndarray, y_val: np.ndarray, patience: int, state: dict[str, Any]) -> None:
+        self.run, self.x_val, self.y_val, self.patience = run, x_val, y_val, patience
+        self.state = state
+        self.bar: Any = None
+
+    def callback(self, steps: int, epochs: int) -> Any:
+        import keras
+        from tqdm import tqdm
+
+        outer = self
+
+        class _CB(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                outer.t0 = time.perf_counter()
+                outer.bar = tqdm(
+                    total=steps, desc=f"epoch {epoch + 1}/{epochs}", unit="step", mininterval=10, file=sys.stderr
+                )
+
+            def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+                if outer.bar is not None:
+                    outer.bar.update(1)
+                    if logs and "loss" in logs:
+                        outer.bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+            def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+                if outer.bar is not None:
+                    outer.bar.close()
+                outer.end_epoch(self.model, epoch, dict(logs or {}))
+
+        return _CB()
+
+    def end_epoch(self, model: Any, epoch: int, logs: dict[str, Any]) -> None:
+        p = predict_array(model, self.x_val)
+        aucs = {}
+        for j, name in enumerate(FINDING_NAMES):
+            y, s = M.labelled(self.y_val[:, j], p[:, j])
+            aucs[name] = M.safe_auc(y, s)
+        present = [a for a in aucs.values() if a is not None]
+        score = float(np.mean(present)) if present else -float(logs.get("loss", 0.0))
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(logs.get("loss", float("nan"))),
+            **{f"val_auc_{k}": v for k, v in aucs.items()},
+            "val_mean_auc": score,
+            "lr": _current_lr(model),
+            "seconds": round(time.perf_counter() - self.t0, 1),
+        }
+        improved = score > self.state.get("best", -np.inf)
+        if improved:
+            self.state.update(best=score, best_epoch=epoch + 1, wait=0)
+            model.save(self.run / "best.keras")
+        else:
+            self.state["wait"] = self.state.get("wait", 0) + 1
+        self.state["epoch"] = epoch + 1
+        model.save(self.run / "last.keras")
+        (self.run / "state.json").write_text(json.dumps(self.state, indent=2))
+        _append_history(self.run / "history.csv", row)
+        msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(f"[epoch] {msg}{' *best*' if improved else ''}", file=sys.stderr, flush=True)
+        if self.state["wait"] >= self.patience:
+            print(f"[early stop] no improvement for {self.patience} epochs", file=sys.stderr, flush=True)
+            model.stop_training = True
+
+
+def _current_lr(model: Any) -> float:
+    try:
+        import keras
+
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    except Exception:  # noqa: BLE001 - the log line must never stop training
+        return float("nan")
+
+
+def _append_history(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def predict_array(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    out = [
+        np.asarray(model.predict_on_batch(x[s : s + batch_size].astype("float32")))
+        for s in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out).astype("float32") if out else np.zeros((0, len(FINDING_NAMES)), "float32")
+
+
+def fold_platt(model: Any, params: list[tuple[float, float]]) -> None:
+    """Fold per-finding Platt scaling into the logits layer: sigmoid(a*(Wx+b)+c) = sigmoid((aW)x + (ab+c))."""
+    dense = model.get_layer(LOGITS_LAYER)
+    kernel, bias = dense.get_weights()
+    a = np.array([p[0] for p in params], dtype=kernel.dtype)
+    c = np.array([p[1] for p in params], dtype=bias.dtype)
+    dense.set_weights([kernel * a[None, :], bias * a + c])
+
+
+def evaluate_arrays(
+    y: np.ndarray, p: np.ndarray, thresholds: dict[str, float], pops: list[str] | None = None, n_boot: int = 1000
+) -> dict[str, Any]:
+    """Per finding metrics, overall and by population (adult / paediatric)."""
+    overall = {
+        n: M.finding_metrics(y[:, j], p[:, j], thresholds[n], n_boot=n_boot) for j, n in enumerate(FINDING_NAMES)
+    }
+    out: dict[str, Any] = {"overall": overall, "by_population": {}}
+    if pops is not None:
+        pa = np.asarray(pops)
+        for pop in sorted(set(pops)):
+            sel = pa == pop
+            out["by_population"][pop] = {
+                n: M.finding_metrics(y[sel, j], p[sel, j], thresholds[n], n_boot=n_boot)
+                for j, n in enumerate(FINDING_NAMES)
+            }
+    return out
+
+
+def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool = True) -> Path:
+    """Train, calibrate, choose thresholds, export; return the exported model file."""
+    import keras
+
+    from training.dataset import (
+        BalancedBatches,
+        MaskedBinaryCrossentropy,
+        balanced_class_weights,
+        load_tensors,
+        pipeline_version,
+        record_labels,
+    )
+
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.load(config)
+    run = cfg.run_path
+    if not resume and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    set_determinism(cfg.seed)
+    t_start = time.time()
+
+    records = load_records(cfg)
+    recs, split_file, split_sha = make_split(cfg, records)
+    arch = ArchConfig.from_dict(cfg.model)
+    cache = cfg.resolve(cfg.cache_dir, "training/cache") if cfg.cache_dir else None
+    x_all = load_tensors(recs, arch.input_size, cache_dir=cache, progress=progress)
+    y_all = record_labels(recs)
+    split_arr = np.array([r.given_split for r in recs])
+    tr, va, te = (np.flatnonzero(split_arr == s) for s in ("train", "val", "test"))
+    pops = [r.population for r in recs]
+    log.info("records: train %d, val %d, test %d", len(tr), len(va), len(te))
+
+    bs = int(cfg.hp("batch_size", 32))
+    steps = int(cfg.hp("steps_per_epoch", max(1, len(tr) // bs)))
+    epochs = int(cfg.hp("epochs", 20))
+    adult_fraction = float(cfg.hp("adult_fraction", 0.4))
+    groups = [pops[i] if pops[i] == "paediatric" else "adult" for i in tr]
+    fractions = {"adult": adult_fraction, "paediatric": 1.0 - adult_fraction}
+    seq = BalancedBatches(x_all[tr], y_all[tr], groups, bs, steps, fractions, seed=cfg.seed)
+    cw = balanced_class_weights(y_all[tr], seq.sample_weights()) if cfg.hp("class_weighting", "balanced") else None
+
+    state_file = run / "state.json"
+    state: dict[str, Any] = json.loads(state_file.read_text()) if (resume and state_file.exists()) else {}
+    start_epoch = int(state.get("epoch", 0))
+    if start_epoch and (run / "last.keras").exists():
+        print(f"resuming {cfg.name} from epoch {start_epoch}", file=sys.stderr, flush=True)
+        model = keras.saving.load_model(run / "last.keras")
+    else:
+        start_epoch, state = 0, {}
+        (run / "history.csv").unlink(missing_ok=True)
+        model = build_model(arch, AugmentConfig.from_dict(cfg.augment), seed=cfg.seed, name=cfg.name)
+        lr = float(cfg.hp("learning_rate", 1e-3))
+        total = epochs * steps
+        warm = min(steps, total // 10)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=lr * 0.05,
+            decay_steps=max(1, total - warm),
+            alpha=0.02,
+            warmup_target=lr,
+            warmup_steps=warm,
+        )
+        opt = keras.optimizers.AdamW(
+            learning_rate=schedule, weight_decay=float(cfg.hp("weight_decay", 1e-4)), clipnorm=1.0
+        )
+        model.compile(optimizer=opt, loss=MaskedBinaryCrossentropy(None if cw is None else cw.tolist()))
+    seq.set_epoch(start_epoch)
+
+    logger = EpochLogger(run, x_all[va], y_all[va], int(cfg.hp("patience", 6)), state)
+    if start_epoch < epochs and state.get("wait", 0) < logger.patience:
+        model.fit(seq, epochs=epochs, initial_epoch=start_epoch, verbose=0, callbacks=[logger.callback(steps, epochs)])
+    train_seconds = time.time() - t_start + float(state.get("seconds_before_resume", 0.0))
+    state["seconds_before_resume"] = train_seconds
+    state_file.write_text(json.dumps(state, indent=2))
+
+    # --- calibrate, threshold, export ------------------------------------------------------
+    best = keras.saving.load_model(run / "best.keras", compile=False)
+    p_val = predict_array(best, x_all[va])
+    platt = []
+    for j in range(len(FINDING_NAMES)):
+        y, s = M.labelled(y_all[va, j], p_val[:, j])
+        platt.append(M.fit_platt(y, s) if cfg.calibration == "platt" else (1.0, 0.0))
+    fold_platt(best, platt)
+    p_val = predict_array(best, x_all[va])
+    p_test = predict_array(best, x_all[te]) if len(te) else np.zeros((0, len(FINDING_NAMES)), "float32")
+    thresholds = {}
+    for j, n in enumerate(FINDING_NAMES):
+        y, s = M.labelled(y_all[va, j], p_val[:, j])
+        thresholds[n] = M.threshold_for_sensitivity(y, s, cfg.target_sensitivity) if len(y) else 0.5
+    n_boot = int(cfg.hp("bootstrap", 1000))
+    val_metrics = evaluate_arrays(y_all[va], p_val, thresholds, [pops[i] for i in va], n_boot)
+    test_metrics = evaluate_arrays(y_all[te], p_test, thresholds, [pops[i] for i in te], n_boot) if len(te) else {}
+
+    out = cfg.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    model_file = out / "model.keras"
+    best.save(model_file)
+    shutil.copyfile(split_file, out / "split.csv")
+    if (run / "history.csv").exists():
+        shutil.copyfile(run / "history.csv", out / "history.csv")
+    summary = summarize([r for r in recs if r.given_split == "train"])
+    card = ModelCard(
+        name=cfg.name,
+        version=cfg.version,
+        architecture=arch.arch,
+        input_size=arch.input_size,
+        internal_size=arch.internal_size,
+        preprocessing_version=pipeline_version(),
+        parameters=int(best.count_params()),
+        thresholds=thresholds,
+        target_sensitivity=cfg.target_sensitivity,
+        calibration={
+            "method": cfg.calibration,
+            "fitted_on": "val",
+            "params": {n: {"a": a, "b": b} for n, (a, b) in zip(FINDING_NAMES, platt, strict=True)},
+        },
+        training_data=[
+            {"source": s, **v, "labels": ", ".join(f"{k}={c}" for k, c in v.items() if k not in {"images", "patients"})}
+            for s, v in sorted(summary.items())
+        ],
+        split={
+            "file": "split.csv",
+            "sha256": split_sha,
+            "seed": int(cfg.split.get("seed", cfg.seed)),
+            "fractions": list(cfg.split.get("fractions", (0.7, 0.15, 0.15))),
+            "counts": _split_counts(recs),
+        },
+        training={
+            "config": asdict(cfg),
+            "class_weights": None
+            if cw is None
+            else {n: {"neg": float(w[0]), "pos": float(w[1])} for n, w in zip(FINDING_NAMES, cw, strict=True)},
+            "epochs_run": int(state.get("epoch", 0)),
+            "best_epoch": int(state.get("best_epoch", 0)),
+            "best_val_mean_auc_uncalibrated": state.get("best"),
+            "wall_time_s": round(train_seconds, 1),
+            "host": f"{os.cpu_count()} CPU cores, keras {keras.__version__} ({keras.backend.backend()})",
+            "population_counts_train": dict(Counter(pops[i] for i in tr)),
+        },
+        validation_metrics=val_metrics,
+        test_metrics=test_metrics,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    card.save(out)
+    print(
+        f"exported {model_file} ({model_file.stat().st_size / 1e6:.1f} MB) in {train_seconds / 60:.1f} min",
+        file=sys.stderr,
+        flush=True,
+    )
+    return model_file
