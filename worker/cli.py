@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("status", cmd_status, "studies per state and queue depth")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from training.commands import register_commands  # train / evaluate / predict (issue 4); imports no Keras
+
+    register_commands(add)
     return parser
 
 
