@@ -135,7 +135,10 @@ class StorageSCP:
     @staticmethod
     def _caller(event: evt.Event) -> Caller:
         requestor = event.assoc.requestor
-        return Caller(str(requestor.ae_title).strip(), str(requestor.address))
+        # Before negotiation (EVT_REQUESTED) the title is only in the A-ASSOCIATE-RQ primitive.
+        primitive = getattr(requestor, "primitive", None)
+        title = getattr(primitive, "calling_ae_title", None) or requestor.ae_title
+        return Caller(str(title).strip(), str(requestor.address))
 
     def handle_requested(self, event: evt.Event) -> None:
         """EVT_REQUESTED: reject callers not in listener.allowed_callers before negotiation."""

@@ -103,7 +103,7 @@ def storescu(
     """DCMTK storescu, proposing the files' own transfer syntax (all files must share it)."""
     options = {STORESCU_TS_OPTION.get(transfer_syntax_of(f), "-xe") for f in files}
     assert len(options) == 1, "send files of one transfer syntax per storescu call"
-    cmd = ["storescu", "-v", "-aet", aet, "-aec", aec, *options, *extra, "127.0.0.1", str(port), *map(str, files)]
+    cmd = ["storescu", "-d", "-aet", aet, "-aec", aec, *options, *extra, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -362,6 +362,11 @@ class TcpProxy:
 
     def cut(self) -> None:
         if self._server is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would leave it listening.
+            try:
+                self._server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._server.close()
             self._server = None
         with self._lock:
