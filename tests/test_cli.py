@@ -1,0 +1,112 @@
+"""The `xray-triage` command as an operator meets it: help, exit codes, masked secrets, `run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.plugins.ingest import echoscu, shared_file, storescu, wait_for
+from worker.cli import EXIT_CONFIG, build_parser, main
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def _commands() -> list[list[str]]:
+    """Every command and sub-command the parser knows, so a new one cannot ship without --help."""
+    parser = build_parser()
+    out: list[list[str]] = []
+
+    def walk(p, prefix: list[str]) -> None:
+        subs = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if not subs:
+            out.append(prefix)
+        for action in subs:
+            for name, child in action.choices.items():
+                walk(child, [*prefix, name])
+
+    walk(parser, [])
+    return out
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    assert "usage: xray-triage" in capsys.readouterr().out
+
+
+def test_mandatory_commands_exist():
+    names = {" ".join(c) for c in _commands()}
+    assert {"listen", "worker", "run", "db upgrade", "config check", "status"} <= names
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XRAY_TRIAGE")}
+    env.update(extra)
+    return env
+
+
+def test_config_error_names_the_key_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [*CLI, "config", "check"], cwd=REPO, capture_output=True, text=True,
+        env=_env(XRAY_TRIAGE_LISTENER__PORT="99999"),
+    )  # fmt: skip
+    assert result.returncode == EXIT_CONFIG == 2
+    assert "listener.port" in result.stderr and "Traceback" not in result.stderr
+    missing = subprocess.run([*CLI, "--config", str(tmp_path / "nope.yaml"), "listen"], cwd=REPO,
+                             capture_output=True, text=True, env=_env())  # fmt: skip
+    assert missing.returncode == 2 and "cannot read configuration file" in missing.stderr
+
+
+def test_config_check_masks_secrets(capsys):
+    os.environ["XRAY_TRIAGE_DATABASE__URL"] = "postgresql+psycopg://triage:TopSecret@db:5432/xt"
+    try:
+        assert main(["config", "check"]) == 0
+    finally:
+        del os.environ["XRAY_TRIAGE_DATABASE__URL"]
+    out = capsys.readouterr()
+    assert "TopSecret" not in out.out + out.err
+    assert json.loads(out.out)["database"]["url"] == "postgresql+psycopg://triage:***@db:5432/xt"
+
+
+def test_db_upgrade_and_status(sqlite_backend, tmp_path, start_listener, capsys):
+    settings = sqlite_backend.settings(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    assert main(["--config", str(config), "db", "upgrade"]) == 0
+    assert "database at revision" in capsys.readouterr().out
+    handle = start_listener(settings, with_handoff=False)
+    assert storescu(handle.port, [shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")]).returncode == 0
+    assert main(["--config", str(config), "status", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["studies"]["receiving"] == 1
+
+
+def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp_path):
+    settings = sqlite_backend.settings(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    proc = subprocess.Popen(
+        [*CLI, "--config", str(config), "run"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        port = settings.listener.port
+        assert re.search(rf"AE title XRAY_TRIAGE at 127\.0\.0\.1:{port}", line), line
+        wait_for(lambda: echoscu(port).returncode == 0, timeout=60, what="the listener started by run")
+    finally:
+        # Ctrl-C in a terminal reaches the whole process group.
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert echoscu(settings.listener.port).returncode != 0  # the listener child is gone too

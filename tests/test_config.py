@@ -1,0 +1,68 @@
+"""The one Settings object: file + environment, and errors that name the key at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.config import ConfigError, effective_config, load_settings, mask_secrets
+
+
+def test_environment_overrides_the_file_with_typed_values(tmp_path: Path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("listener:\n  port: 11112\n  ae_title: FROM_FILE\nhandoff:\n  stability_window_s: 5\n")
+    settings = load_settings(
+        cfg,
+        environ={
+            "XRAY_TRIAGE_LISTENER__PORT": "10404",
+            "XRAY_TRIAGE_HANDOFF__STABILITY_WINDOW_S": "0.5",
+            "XRAY_TRIAGE_LISTENER__ALLOWED_CALLERS": "[{ae_title: PACS, host: 10.0.0.5}]",
+        },
+    )
+    assert settings.listener.port == 10404 and settings.listener.ae_title == "FROM_FILE"
+    assert settings.handoff.stability_window_s == 0.5
+    assert settings.listener.allowed_callers[0].host == "10.0.0.5"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "key"),
+    [
+        ("", {"XRAY_TRIAGE_LISTENER__PORT": "70000"}, "listener.port"),
+        ("listener:\n  prot: 104\n", {}, "listener.prot: unknown key"),
+        ("listener:\n  allowed_callers:\n    - ae_title: 'BAD\\\\AE'\n", {}, "listener.allowed_callers.0.ae_title"),
+        ("listener:\n  max_pdu: 100\n", {}, "listener.max_pdu"),
+        ("listener:\n  sop_classes: [CT]\n", {}, "listener.sop_classes"),
+        ("queues:\n  urgent: same\n  routine: same\n", {}, "queues"),
+        ("database:\n  url: mysql://x/y\n", {}, "database.url"),
+        ("handoff:\n  stability_window_s: 0\n", {}, "handoff.stability_window_s"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str], key: str):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, environ=env)
+    assert key in str(err.value)
+
+
+def test_unreadable_or_invalid_files_are_config_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listener: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad, environ={})
+
+
+def test_secrets_are_masked():
+    settings = load_settings(
+        environ={
+            "XRAY_TRIAGE_DATABASE__URL": "postgresql://triage:s3cr3t@db.example:5432/xt",
+            "XRAY_TRIAGE_BROKER__URL": "redis://:hunter2@redis.example:6379/0",
+        }
+    )
+    shown = str(effective_config(settings))
+    assert "s3cr3t" not in shown and "hunter2" not in shown and shown.count("***") == 2
+    assert settings.database.url.startswith("postgresql+psycopg://")
+    assert mask_secrets("sqlite:///var/x.db") == "sqlite:///var/x.db"
