@@ -124,6 +124,33 @@ def is_allowed(caller: Caller, settings: Settings) -> bool:
     return any(a.ae_title == caller.ae_title and (a.host is None or a.host == caller.host) for a in allowed)
 
 
+def transfer_syntax_preference(requested: list[Any]) -> dict[str, list[str]]:
+    """Per abstract syntax, the transfer syntaxes in the order the requestor proposed them."""
+    order: dict[str, list[str]] = {}
+    for cx in requested:
+        seen = order.setdefault(str(cx.abstract_syntax), [])
+        seen += [str(ts) for ts in cx.transfer_syntax if str(ts) not in seen]
+    return order
+
+
+def _prefer_requestor_order(assoc: Any) -> None:
+    """Accept, per context, the first transfer syntax the *sender* proposed that we support.
+
+    pynetdicom picks by the acceptor's list order, which would make a modality that offers
+    "JPEG 2000, then uncompressed" decompress for us; re-ordering this association's copy
+    of our contexts lets the sender send its images as it holds them.
+    """
+    primitive = getattr(assoc.requestor, "primitive", None)
+    order = transfer_syntax_preference(list(getattr(primitive, "presentation_context_definition_list", None) or []))
+    contexts = assoc.acceptor.supported_contexts
+    for cx in contexts:
+        wanted = order.get(str(cx.abstract_syntax))
+        if wanted:
+            rank = {ts: i for i, ts in enumerate(wanted)}
+            cx.transfer_syntax = sorted(cx.transfer_syntax, key=lambda ts: rank.get(str(ts), len(rank)))
+    assoc.acceptor.supported_contexts = contexts
+
+
 class StorageSCP:
     """The event handlers, bound to one spool and one database."""
 
@@ -144,6 +171,7 @@ class StorageSCP:
         """EVT_REQUESTED: reject callers not in listener.allowed_callers before negotiation."""
         caller = self._caller(event)
         if is_allowed(caller, self.settings):
+            _prefer_requestor_order(event.assoc)
             return
         log.warning("association rejected: calling AE %r from %s is not allowed", caller.ae_title, caller.host)
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNIZED)

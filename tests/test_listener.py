@@ -165,3 +165,21 @@ def test_real_files_arrive_exactly_as_sent_on_the_wire(sqlite_backend, tmp_path,
     assert stored == on_wire
     # Files DCMTK sends unchanged are also identical to the source file.
     assert dataset_bytes(shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm").read_bytes()) in stored
+
+
+def test_the_senders_transfer_syntax_preference_is_honoured(sqlite_backend, tmp_path, start_listener):
+    """A sender offering "JPEG 2000, then uncompressed" must not be made to decompress for us."""
+    from pynetdicom import AE
+
+    handle = start_listener(sqlite_backend.settings(tmp_path), with_handoff=False)
+    cr, sc = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.7"
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(cr, ["1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ae.add_requested_context(sc, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])
+    for _ in range(2):  # per association: the second one is negotiated the same way
+        assoc = ae.associate("127.0.0.1", handle.port, ae_title="XRAY_TRIAGE")
+        try:
+            chosen = {str(c.abstract_syntax): str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        finally:
+            assoc.release()
+        assert chosen == {cr: "1.2.840.10008.1.2.4.91", sc: "1.2.840.10008.1.2"}
