@@ -43,5 +43,17 @@ lint: $(STAMP)
 bench: system-deps $(STAMP) services
 	$(PY) -m bench
 
+## train: the shipped default model + the compact baseline on ../shared/data, then their evaluation
+## reports (about 1 h on a 2-core CPU; resumable: re-run after an interruption). See docs/training.md.
+TRAIN_CONFIG ?= training/configs/default.yaml
+BASELINE_CONFIG ?= training/configs/baseline.yaml
+train:
+	test -x $(VENV)/bin/xray-triage || $(MAKE) venv
+	$(VENV)/bin/xray-triage train --config $(TRAIN_CONFIG)
+	$(VENV)/bin/xray-triage train --config $(BASELINE_CONFIG)
+	$(VENV)/bin/xray-triage evaluate --model models/baseline --data models/baseline/split.csv --split val --out models/baseline/report
+	$(VENV)/bin/xray-triage evaluate --model models/default --data models/default/split.csv --split val --compare models/baseline --out models/default/report
+	$(VENV)/bin/xray-triage evaluate --model models/default --data models/default/split.csv --split test --compare models/baseline --out models/default/report-test
+
 clean:
 	rm -rf var build *.egg-info .pytest_cache
