@@ -148,6 +148,13 @@ def _app_features(x: Any, cfg: ArchConfig, size: int) -> Any:
     else:
         raise ValueError(f"unknown architecture {a!r}; choose from {sorted(ARCHITECTURES)}")
     backbone.name = "backbone"
+    # keras.applications builds BatchNorm with momentum 0.999, tuned for ImageNet-length runs; over
+    # our ~2,000 steps the moving statistics would still be mostly their initial values and the
+    # model would score near-constant at inference.  0.97 averages over the last ~30 batches.
+    if weights is None:
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = float(cfg.extra.get("bn_momentum", 0.97))
     return backbone(x)
 
 

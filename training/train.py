@@ -207,6 +207,8 @@ class EpochLogger:
         else:
             self.state["wait"] = self.state.get("wait", 0) + 1
         self.state["epoch"] = epoch + 1
+        # wall time of training epochs (incl. validation), summed over resumed sessions
+        self.state["fit_seconds"] = float(self.state.get("fit_seconds", 0.0)) + time.perf_counter() - self.t0
         model.save(self.run / "last.keras")
         (self.run / "state.json").write_text(json.dumps(self.state, indent=2))
         _append_history(self.run / "history.csv", row)
@@ -342,8 +344,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     logger = EpochLogger(run, x_all[va], y_all[va], int(cfg.hp("patience", 6)), state)
     if start_epoch < epochs and state.get("wait", 0) < logger.patience:
         model.fit(seq, epochs=epochs, initial_epoch=start_epoch, verbose=0, callbacks=[logger.callback(steps, epochs)])
-    train_seconds = time.time() - t_start + float(state.get("seconds_before_resume", 0.0))
-    state["seconds_before_resume"] = train_seconds
+    train_seconds = float(state.get("fit_seconds", state.get("seconds_before_resume", time.time() - t_start)))
     state_file.write_text(json.dumps(state, indent=2))
 
     # --- calibrate, threshold, export ------------------------------------------------------
