@@ -14,6 +14,7 @@ import base64
 import json
 import logging
 import os
+import re
 import secrets
 import select
 import socket
@@ -105,6 +106,11 @@ def storescu(
     assert len(options) == 1, "send files of one transfer syntax per storescu call"
     cmd = ["storescu", "-d", "-aet", aet, "-aec", aec, *options, *extra, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def dimse_statuses(stderr: str) -> list[int]:
+    """The C-STORE/C-ECHO response statuses in `storescu -d` / `echoscu -d` output, in order."""
+    return [int(m, 16) for m in re.findall(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})", stderr)]
 
 
 def echoscu(port: int, *, aec: str = AE_TITLE, aet: str = "ECHOSCU") -> subprocess.CompletedProcess[str]:
