@@ -46,6 +46,7 @@ from dicom_io.staging import (
     install,
     part10_header,
     staged_file,
+    tune_socket,
 )
 from dicom_io.uids import InvalidUIDError, require_uid
 from worker.config import Settings
@@ -172,6 +173,7 @@ class StorageSCP:
         caller = self._caller(event)
         if is_allowed(caller, self.settings):
             _prefer_requestor_order(event.assoc)
+            tune_socket(event.assoc)
             return
         log.warning("association rejected: calling AE %r from %s is not allowed", caller.ae_title, caller.host)
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNIZED)
