@@ -60,7 +60,7 @@ TERMINAL_STATES = frozenset({StudyState.SCORED, StudyState.INELIGIBLE, StudyStat
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime}
+    type_annotation_map = {datetime: UTCDateTime}  # noqa: RUF012 - read once by SQLAlchemy, never mutated
 
 
 class Study(Base):
