@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(settings, args) or 0)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 - the CLI promises a one-line reason, not a traceback
+    except Exception as exc:  # the CLI promises a one-line reason, not a traceback
         log.debug("command failed", exc_info=True)
         print(f"xray-triage: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
