@@ -10,6 +10,7 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -96,6 +97,11 @@ class Study(Base):
     # Triage result (filled by the worker; NULL until scored).
     priority: Mapped[int | None] = mapped_column(Integer)
     priority_reason: Mapped[str | None] = mapped_column(Text)
+    # What the model alone would have set (equals `priority` unless triage runs in silent mode).
+    ai_priority: Mapped[int | None] = mapped_column(Integer)
+    # None while not final; "AI unavailable – read as usual" for failed/ineligible studies.
+    ai_state: Mapped[str | None] = mapped_column(Text)
+    model_ref: Mapped[str | None] = mapped_column(String(128))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     transitions: Mapped[list[StateTransition]] = relationship(
@@ -165,3 +171,32 @@ class Instance(Base):
         UniqueConstraint("sop_instance_uid", "version", name="uq_instance_uid_version"),
         Index("ix_instance_uid_sha", "sop_instance_uid", "sha256"),
     )
+
+
+class InstanceResult(Base):
+    """One instance scored by one model version: written once, whatever the redeliveries.
+
+    The unique key (instance, model_ref) is what makes a redelivered or re-queued task a
+    no-op for instances it already stored.
+    """
+
+    __tablename__ = "instance_result"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"))
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    model_ref: Mapped[str] = mapped_column(String(128))
+    # "scored", "ineligible" or "failed", with the reason for the last two.
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    scores: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    flags: Mapped[dict[str, bool] | None] = mapped_column(JSON)
+    thresholds: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    heatmaps: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    pipeline_version: Mapped[str] = mapped_column(String(32))
+    received_at: Mapped[datetime | None] = mapped_column()
+    queued_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime] = mapped_column()
+    finished_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (UniqueConstraint("instance_id", "model_ref", name="uq_result_instance_model"),)

@@ -17,7 +17,7 @@ SHARED_DATA = Path(os.environ.get("XRAY_TRIAGE_SHARED_DATA", REPO.parent / "shar
 
 pytest_plugins = [
     p
-    for p in ("tests.plugins.ingest", "tests.plugins.pixels", "tests.plugins.training")
+    for p in ("tests.plugins.ingest", "tests.plugins.pixels", "tests.plugins.training", "tests.plugins.scoring")
     if (REPO / (p.replace(".", "/") + ".py")).exists()
 ]
 

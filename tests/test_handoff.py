@@ -25,7 +25,7 @@ from db.session import make_engine, make_sessionmaker, session_scope
 from tests.conftest import REPO, pydicom_data_file, shared_file
 from tests.plugins.ingest import real_files, storescu, wait_for
 from worker.handoff import Handoff, scan_once
-from worker.tasks import NO_SCORER_REASON, Claim, begin_processing, finish_study
+from worker.tasks import Claim, begin_processing, finish_study
 
 
 class Recorder:
@@ -183,7 +183,7 @@ def test_worker_claims_current_messages_and_ignores_stale_ones(sqlite_backend, t
 
 
 def test_real_worker_carries_a_pushed_study_to_its_final_state(backend, tmp_path, start_listener):
-    settings = backend.settings(tmp_path)
+    settings = backend.settings(tmp_path, worker={"heatmap_dir": str(tmp_path / "heatmaps")})
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
     worker = subprocess.Popen(
@@ -198,13 +198,13 @@ def test_real_worker_carries_a_pushed_study_to_its_final_state(backend, tmp_path
         path = pydicom_data_file("RG1_J2KI.dcm")
         assert storescu(handle.port, [path]).returncode == 0
         uid = _uid(path)
-        wait_for(lambda: _study(settings.database.url, uid).state == StudyState.FAILED, timeout=90,
+        wait_for(lambda: _study(settings.database.url, uid).state == StudyState.SCORED, timeout=240,
                  what="the worker to finish the study")  # fmt: skip
         study = _study(settings.database.url, uid)
-        assert study.state_reason == NO_SCORER_REASON
+        assert study.priority is not None and study.model_ref
         assert study.processing_at is not None and study.finished_at is not None
         assert [t[1] for t in _transitions(settings.database.url, uid)] == [
-            "receiving", "queued", "processing", "failed"
+            "receiving", "queued", "processing", "scored"
         ]  # fmt: skip
         wait_for(lambda: backend.queued() == [], what="the message to be acknowledged")
     finally:

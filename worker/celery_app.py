@@ -43,6 +43,9 @@ def make_celery(settings: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
+        # Each pool process loads TensorFlow and the model in worker_process_init, before it
+        # reports UP; celery's default 4 s would kill it as hung on a busy machine, forever.
+        worker_proc_alive_timeout=300.0,
     )
     if url.startswith("sqla+"):
         # kombu's SQL transport hands every transport option to sqlalchemy.create_engine(), which

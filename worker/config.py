@@ -152,6 +152,8 @@ class BrokerConfig(_Section):
 class QueuesConfig(_Section):
     urgent: str = "xray-triage.urgent"
     routine: str = "xray-triage.routine"
+    # Calling AE titles whose studies always go to the urgent queue (e.g. the ED's DR room).
+    urgent_calling_aes: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _distinct(self) -> QueuesConfig:
@@ -164,6 +166,56 @@ class HandoffConfig(_Section):
     # A study is handed to the worker once no instance has arrived for this long.
     stability_window_s: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+
+
+class TriageConfig(_Section):
+    """Triage policy (docs/triage.md): priority from per-finding thresholds, escalation by waiting time.
+
+    Thresholds default to the model card's operating points; a site overrides them here after
+    checking the model on its own data, ideally first with ``silent_mode`` on (scores are
+    recorded, the worklist order stays by time).
+    """
+
+    silent_mode: bool = False
+    # Per-finding overrides of the model card's thresholds: a score >= threshold makes the study urgent.
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    # A score >= this makes the study critical (findings absent here never make it critical).
+    critical_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: {"pneumonia": 0.9, "covid19": 0.9}
+    )
+    # A study waiting longer than this (minutes since its first instance) rises one level.
+    escalate_after_min: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: {"routine": 240.0, "urgent": 60.0}
+    )
+
+    @field_validator("escalate_after_min")
+    @classmethod
+    def _levels(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = [k for k in v if k not in ("routine", "urgent")]
+        if unknown:
+            raise ValueError(f"unknown level {unknown}; choose from ['routine', 'urgent']")
+        return v
+
+
+class WorkerConfig(_Section):
+    """Scoring worker: retries, the sweeper that re-queues lost studies, where heatmaps go."""
+
+    heatmap_dir: Path = DEFAULT_VAR_DIR / "heatmaps"
+    batch_size: Annotated[int, Field(ge=1, le=256)] = 16
+    # Transient errors (database or broker unreachable): countdown = min(cap, base * 2**retries).
+    retry_base_s: Annotated[float, Field(gt=0)] = 1.0
+    retry_cap_s: Annotated[float, Field(gt=0)] = 60.0
+    max_retries: Annotated[int, Field(ge=0)] = 20
+    # The sweeper (in the listener process, beside the hand-off) re-queues a study left in
+    # `queued` or `processing` longer than these, e.g. after its message died with a broker.
+    queued_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    processing_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    sweep_interval_s: Annotated[float, Field(gt=0)] = 30.0
+
+
+class ModelConfig(_Section):
+    # Folder with model.keras + card.json, or a .keras file; None: $XRAY_TRIAGE_MODEL, else models/default.
+    path: str | None = None
 
 
 class PixelsConfig(_Section):
@@ -235,6 +287,9 @@ class Settings(_Section):
     handoff: HandoffConfig = HandoffConfig()
     pixels: PixelsConfig = PixelsConfig()
     eligibility: EligibilityConfig = EligibilityConfig()
+    triage: TriageConfig = TriageConfig()
+    worker: WorkerConfig = WorkerConfig()
+    model: ModelConfig = ModelConfig()
     log_level: str = "INFO"
 
     @field_validator("log_level")

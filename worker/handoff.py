@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -46,8 +47,11 @@ class Handoff:
 Publisher = Callable[[Handoff], None]
 
 
-def queue_for(requested_priority: str | None, queues: QueuesConfig) -> str:
-    """STAT/HIGH requests go to the urgent queue so a separate worker pool can serve them first."""
+def queue_for(requested_priority: str | None, queues: QueuesConfig, calling_ae: str | None = None) -> str:
+    """STAT/HIGH requests, and studies from the configured urgent callers (e.g. the emergency
+    department's room), go to the urgent queue so a separate worker pool can serve them first."""
+    if calling_ae is not None and calling_ae.strip() in queues.urgent_calling_aes:
+        return queues.urgent
     return queues.urgent if is_urgent(requested_priority) else queues.routine
 
 
@@ -60,15 +64,17 @@ def celery_publisher(app: Celery) -> Publisher:
     return publish
 
 
-def due_studies(session: Session, cutoff: datetime, limit: int = SCAN_BATCH) -> list[tuple[int, str, str | None]]:
-    """(id, Study UID, requested priority) of studies quiet since `cutoff`, oldest first."""
+def due_studies(
+    session: Session, cutoff: datetime, limit: int = SCAN_BATCH
+) -> list[tuple[int, str, str | None, str | None]]:
+    """(id, Study UID, requested priority, calling AE) of studies quiet since `cutoff`, oldest first."""
     rows = session.execute(
-        select(Study.id, Study.study_uid, Study.requested_priority)
+        select(Study.id, Study.study_uid, Study.requested_priority, Study.calling_ae)
         .where(Study.state == StudyState.RECEIVING, Study.last_instance_at <= cutoff)
         .order_by(Study.last_instance_at)
         .limit(limit)
     ).all()
-    return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+    return [(int(r[0]), str(r[1]), r[2], r[3]) for r in rows]
 
 
 def claim_and_publish(
@@ -119,8 +125,8 @@ def scan_once(
     with factory() as session:
         candidates = due_studies(session, cutoff)
     done: list[Handoff] = []
-    for study_id, study_uid, priority in candidates:
-        queue = queue_for(priority, queues)
+    for study_id, study_uid, priority, calling_ae in candidates:
+        queue = queue_for(priority, queues, calling_ae)
         try:
             handoff = claim_and_publish(factory, study_id, study_uid, queue, cutoff, now, publish)
         except Exception as exc:  # noqa: BLE001 - broker or database down: roll back, retry next scan
@@ -143,12 +149,22 @@ class HandoffThread(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        from worker.sweeper import sweep_once
+
         cfg = self.settings.handoff
+        next_sweep = 0.0
         while not self._stop_event.is_set():
             try:
                 scan_once(self.factory, self.publish, cfg.stability_window_s, self.settings.queues)
             except Exception as exc:  # noqa: BLE001 - e.g. database unreachable; keep scanning
                 log.warning("hand-off scan failed, will retry: %s: %s", type(exc).__name__, exc)
+            # The sweeper lives here so that every process that receives studies also rescues them.
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.settings.worker.sweep_interval_s
+                try:
+                    sweep_once(self.factory, self.publish, self.settings)
+                except Exception as exc:  # noqa: BLE001 - same: keep sweeping
+                    log.warning("sweep failed, will retry: %s: %s", type(exc).__name__, exc)
             self._stop_event.wait(cfg.poll_interval_s)
 
     def stop(self, timeout: float = 10.0) -> None:

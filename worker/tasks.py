@@ -1,9 +1,15 @@
-"""The `xray_triage.process_study` task: claim a queued study and carry it to a final state.
+"""The `xray_triage.process_study` task: claim a queued study, score it, store it, exactly once.
 
 A message carries (Study UID, hand-off generation).  The generation lets the worker tell a
 current message from a stale one: the study may have received new instances (and been
 re-queued with a higher generation) since this message was published, or a message may have
 been delivered twice.  Stale messages are acknowledged and ignored.
+
+Exactly once: messages are acknowledged late and rejected (re-queued) when the worker
+process dies; a redelivery resumes a study still `processing` under its generation, and the
+results are keyed by (instance, model version), so it never writes twice.  Database and
+broker errors are retried with capped exponential backoff; a study whose retries run out
+stays `processing` until the sweeper (worker/sweeper.py) re-queues it.
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
+from typing import Any
 
+import sqlalchemy.exc
 from celery import Celery, Task
+from celery.signals import worker_process_init
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,10 +33,11 @@ from db.session import make_engine, make_sessionmaker, session_scope
 from db.transitions import move_state
 from worker.celery_app import PROCESS_STUDY_TASK
 from worker.config import Settings
+from worker.scoring import decide_study, final_state, model_thresholds, pending_instances, run_pipeline, store_results
+from worker.triage import Decision
 
 log = logging.getLogger("xray_triage.tasks")
 
-NO_SCORER_REASON = "AI scoring not installed yet – read as usual"
 # A message may overtake the commit of its own hand-off; how long to wait for that commit.
 NOT_YET_RETRIES = 30
 NOT_YET_COUNTDOWN_S = 1.0
@@ -75,7 +86,13 @@ def begin_processing(session: Session, study_uid: str, generation: int, now: dat
 
 
 def finish_study(
-    session: Session, study_id: int, generation: int, state: StudyState, reason: str | None, now: datetime
+    session: Session,
+    study_id: int,
+    generation: int,
+    state: StudyState,
+    reason: str | None,
+    now: datetime,
+    values: dict[str, Any] | None = None,
 ) -> bool:
     """processing -> a final state, unless the study was re-opened meanwhile (then False)."""
     return move_state(
@@ -86,7 +103,7 @@ def finish_study(
         now,
         reason=reason,
         where=[Study.handoff_generation == generation],
-        values={"finished_at": now},
+        values={"finished_at": now, **(values or {})},
     )
 
 
@@ -96,33 +113,107 @@ def _factory(url: str) -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(url, hide_parameters=True))
 
 
-def register_tasks(app: Celery, settings: Settings) -> Task:
-    """Register process_study on `app`; returns the task object."""
-    url = settings.database.url
+# Errors that may go away by waiting: the database or the broker is unreachable or busy.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.DisconnectionError,
+    BrokerError,
+    ConnectionError,
+    TimeoutError,
+)
 
-    @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, max_retries=NOT_YET_RETRIES)
+
+def backoff_s(retries: int, base: float, cap: float) -> float:
+    """Exponential backoff with a cap: base, 2*base, 4*base, ... <= cap."""
+    return float(min(cap, base * 2 ** min(retries, 30)))
+
+
+def scoring_model(settings: Settings) -> Any:
+    """The configured model, loaded once per process (models.registry caches it)."""
+    from models.registry import get_model
+
+    return get_model(settings=settings)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: StudyState
+    decision: Decision
+    applied: bool  # False when the study was re-opened meanwhile (results kept, state not set)
+
+
+def score_claimed(
+    factory: sessionmaker[Session], settings: Settings, model: Any, study_id: int, generation: int
+) -> Outcome:
+    """Run the pipeline for a study this process holds in `processing`; store everything at once."""
+    from dicom_io.pixels import PIPELINE_VERSION
+
+    started = utcnow()
+    with factory() as session:
+        work = pending_instances(session, study_id, model.ref)
+    thresholds = model_thresholds(model, settings)
+    rows, _ = run_pipeline(model, work, settings, thresholds)
+    decision = decide_study(work, rows, thresholds, settings)
+    state = final_state(decision)
+    with session_scope(factory) as session:
+        now = utcnow()
+        store_results(session, work, rows, model.ref, PIPELINE_VERSION, started, now)
+        applied = finish_study(
+            session,
+            study_id,
+            generation,
+            state,
+            decision.reason,
+            now,
+            values={
+                "priority": decision.priority,
+                "ai_priority": decision.ai_priority,
+                "priority_reason": decision.priority_reason,
+                "ai_state": decision.ai_state,
+                "model_ref": model.ref,
+            },
+        )
+    return Outcome(state, decision, applied)
+
+
+def register_tasks(app: Celery, settings: Settings) -> Task:
+    """Register process_study on `app` and the per-process model load; returns the task object."""
+    url = settings.database.url
+    cfg = settings.worker
+
+    @worker_process_init.connect(weak=False)
+    def _load_model(**_kwargs: Any) -> None:
+        # Each prefork child loads the model once, before its first task, not per task.
+        try:
+            scoring_model(settings)
+        except Exception:  # the task will report the error per study; the worker must start
+            log.exception("could not load the scoring model")
+
+    @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def process_study(self: Task, study_uid: str, generation: int) -> str:
-        factory = _factory(url)
-        with session_scope(factory) as session:
-            claimed = begin_processing(session, study_uid, int(generation), utcnow())
-        if claimed.claim is Claim.NOT_YET:
-            raise self.retry(countdown=NOT_YET_COUNTDOWN_S)
-        if claimed.claim is Claim.STALE:
-            log.info("study %s generation %s: stale message ignored", study_uid, generation)
-            return Claim.STALE.value
-        if claimed.study_id is None:
-            return Claim.STALE.value
-        final, reason = score_study(study_uid)
-        with session_scope(factory) as session:
-            done = finish_study(session, claimed.study_id, int(generation), final, reason, utcnow())
-        log.info("study %s generation %s: %s%s", study_uid, generation, final.value, "" if done else " (superseded)")
-        return final.value
+        try:
+            factory = _factory(url)
+            with session_scope(factory) as session:
+                claimed = begin_processing(session, study_uid, int(generation), utcnow())
+            if claimed.claim is Claim.NOT_YET:
+                raise self.retry(countdown=NOT_YET_COUNTDOWN_S, max_retries=NOT_YET_RETRIES)
+            if claimed.claim is Claim.STALE or claimed.study_id is None:
+                log.info("study %s generation %s: stale message ignored", study_uid, generation)
+                return Claim.STALE.value
+            outcome = score_claimed(factory, settings, scoring_model(settings), claimed.study_id, int(generation))
+        except TRANSIENT_ERRORS as exc:
+            countdown = backoff_s(self.request.retries, cfg.retry_base_s, cfg.retry_cap_s)
+            log.warning(
+                "study %s generation %s: %s, retry %d in %.1f s",
+                study_uid, generation, type(exc).__name__, self.request.retries + 1, countdown,
+            )  # fmt: skip
+            raise self.retry(exc=exc, countdown=countdown, max_retries=cfg.max_retries) from None
+        log.info(
+            "study %s generation %s: %s (%s)%s",
+            study_uid, generation, outcome.state.value, outcome.decision.priority_reason,
+            "" if outcome.applied else " (superseded)",
+        )  # fmt: skip
+        return outcome.state.value
 
     return process_study
-
-
-# ---- Issue 5 replaces this function: eligibility -> pixel path -> model -> scores. -------------
-def score_study(study_uid: str) -> tuple[StudyState, str | None]:
-    """Placeholder until the scoring pipeline exists: every study ends as failed, read as usual."""
-    return StudyState.FAILED, NO_SCORER_REASON
-

@@ -1,0 +1,154 @@
+"""Triage policy: priority from scores and thresholds, silent mode, escalation, worklist order.
+
+The policy functions are pure; the ORDER BY expression is run on both real databases so
+issue 6's worklist gets the same order from SQL as from ``sort_key``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Study, StudyState, utcnow
+from db.session import make_engine, make_sessionmaker, session_scope
+from worker.config import TriageConfig
+from worker.triage import (
+    AI_UNAVAILABLE,
+    InstanceOutcome,
+    Level,
+    decide,
+    effective_priority,
+    explain,
+    sort_key,
+    thresholds_for,
+    worklist_order,
+)
+
+CARD = {"pneumonia": 0.41, "mass": 0.3, "covid19": 0.5}
+
+
+def _scored(**scores: float) -> InstanceOutcome:
+    return InstanceOutcome("1.2.3", "scored", None, scores)
+
+
+def test_priority_and_reason_in_words() -> None:
+    cfg = TriageConfig()
+    d = decide([_scored(pneumonia=0.93, mass=0.1, covid19=0.2)], CARD, cfg)
+    assert (d.state, d.priority, d.ai_priority) == ("scored", Level.CRITICAL, Level.CRITICAL)
+    assert d.priority_reason == "critical: pneumonia 0.93 ≥ 0.41"
+    d = decide([_scored(pneumonia=0.6, mass=0.35, covid19=0.2)], CARD, cfg)
+    assert d.priority == Level.URGENT
+    assert d.priority_reason == "urgent: pneumonia 0.60 ≥ 0.41, mass 0.35 ≥ 0.30"
+    d = decide([_scored(pneumonia=0.2, mass=0.1, covid19=0.45)], CARD, cfg)
+    assert d.priority == Level.ROUTINE
+    assert d.priority_reason == "routine: no finding above threshold (closest: covid19 0.45 < 0.50)"
+    assert d.ai_state is None
+
+
+def test_most_urgent_instance_sets_the_study() -> None:
+    outcomes = [_scored(pneumonia=0.1, mass=0.1, covid19=0.1), _scored(pneumonia=0.5, mass=0.1, covid19=0.1)]
+    assert decide(outcomes, CARD, TriageConfig()).priority == Level.URGENT
+
+
+def test_site_overrides_card_thresholds() -> None:
+    cfg = TriageConfig(thresholds={"pneumonia": 0.7}, critical_thresholds={})
+    th = thresholds_for(CARD, cfg)
+    assert th == {"pneumonia": 0.7, "mass": 0.3, "covid19": 0.5}
+    assert decide([_scored(pneumonia=0.93)], th, cfg).priority == Level.URGENT  # no critical level configured
+    assert decide([_scored(pneumonia=0.6)], th, cfg).priority == Level.ROUTINE
+
+
+def test_failed_and_ineligible_stay_on_the_worklist_read_as_usual() -> None:
+    cfg = TriageConfig()
+    d = decide([InstanceOutcome("1", "ineligible", "body part EXTREMITY")], CARD, cfg)
+    assert (d.state, d.reason, d.priority, d.ai_state) == (
+        "ineligible",
+        "body part EXTREMITY",
+        Level.ROUTINE,
+        AI_UNAVAILABLE,
+    )
+    d = decide(
+        [InstanceOutcome("1", "ineligible", "lateral"), InstanceOutcome("2", "failed", "CorruptPixelData: x")],
+        CARD,
+        cfg,
+    )
+    assert (d.state, d.reason) == ("failed", "CorruptPixelData: x")
+    assert d.priority_reason.startswith(AI_UNAVAILABLE)
+    # One scored instance is enough to score the study.
+    d = decide([InstanceOutcome("1", "failed", "x"), _scored(pneumonia=0.1, mass=0.1, covid19=0.1)], CARD, cfg)
+    assert d.state == "scored"
+
+
+def test_silent_mode_records_the_model_but_keeps_routine() -> None:
+    d = decide([_scored(pneumonia=0.95)], CARD, TriageConfig(silent_mode=True))
+    assert (d.priority, d.ai_priority) == (Level.ROUTINE, Level.CRITICAL)
+    assert d.priority_reason == "silent mode, model says critical: pneumonia 0.95 ≥ 0.41"
+
+
+def test_explain_without_known_findings() -> None:
+    assert explain({"other": 0.9}, CARD) == "no finding scored"
+
+
+def test_escalation_after_the_cap_of_the_level() -> None:
+    cfg = TriageConfig(escalate_after_min={"routine": 240, "urgent": 60})
+    now = utcnow()
+    assert effective_priority(Level.ROUTINE, now - timedelta(hours=3), now, cfg) == Level.ROUTINE
+    assert effective_priority(Level.ROUTINE, now - timedelta(hours=5), now, cfg) == Level.URGENT
+    assert effective_priority(None, now - timedelta(hours=5), now, cfg) == Level.URGENT  # not scored yet
+    assert effective_priority(Level.URGENT, now - timedelta(minutes=61), now, cfg) == Level.CRITICAL
+    assert effective_priority(Level.CRITICAL, now - timedelta(days=1), now, cfg) == Level.CRITICAL
+    only_routine = TriageConfig(escalate_after_min={"routine": 240})
+    assert effective_priority(Level.URGENT, now - timedelta(days=1), now, only_routine) == Level.URGENT
+
+
+def test_escalation_levels_are_validated() -> None:
+    with pytest.raises(ValueError, match="unknown level"):
+        TriageConfig(escalate_after_min={"critical": 5})
+
+
+def _insert(url: str, rows: list[tuple[str, int | None, timedelta]]) -> None:
+    now = utcnow()
+    factory = make_sessionmaker(make_engine(url))
+    with session_scope(factory) as s:
+        for uid, priority, age in rows:
+            s.add(Study(study_uid=uid, calling_ae="T", received_at=now - age, last_instance_at=now - age,
+                        state=StudyState.SCORED, priority=priority))  # fmt: skip
+
+
+def _order(url: str, cfg: TriageConfig) -> list[str]:
+    factory = make_sessionmaker(make_engine(url))
+    with factory() as s:
+        return list(s.scalars(select(Study.study_uid).order_by(*worklist_order(cfg, utcnow()))))
+
+
+def test_worklist_order_in_sql_matches_the_policy(backend) -> None:
+    rows = [
+        ("routine-new", Level.ROUTINE, timedelta(minutes=5)),
+        ("urgent-new", Level.URGENT, timedelta(minutes=1)),
+        ("routine-old", Level.ROUTINE, timedelta(hours=5)),  # escalated to urgent, and waiting longer
+        ("unscored", None, timedelta(minutes=10)),  # AI unavailable: routine, by time
+        ("critical", Level.CRITICAL, timedelta(seconds=10)),
+        ("urgent-old", Level.URGENT, timedelta(minutes=90)),  # escalated to critical
+    ]
+    _insert(backend.database_url, rows)
+    cfg = TriageConfig()
+    expected = ["urgent-old", "critical", "routine-old", "urgent-new", "unscored", "routine-new"]
+    assert _order(backend.database_url, cfg) == expected
+    now = utcnow()
+    in_memory = sorted(rows, key=lambda r: sort_key(r[1], now - r[2], now, cfg))
+    assert [r[0] for r in in_memory] == expected
+
+
+def test_silent_mode_leaves_the_order_by_time(backend) -> None:
+    """Silent mode stores ROUTINE for every study, so the worklist is by waiting time alone."""
+    cfg = TriageConfig(silent_mode=True)
+    ages = {"a-positive": timedelta(minutes=1), "b-normal": timedelta(minutes=30), "c-positive": timedelta(minutes=20)}
+    scores = {"a-positive": 0.95, "b-normal": 0.05, "c-positive": 0.6}
+    rows = []
+    for uid, age in ages.items():
+        d = decide([_scored(pneumonia=scores[uid], mass=0.0, covid19=0.0)], CARD, cfg)
+        rows.append((uid, d.priority, age))
+    _insert(backend.database_url, rows)
+    assert _order(backend.database_url, cfg) == ["b-normal", "c-positive", "a-positive"]

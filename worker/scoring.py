@@ -1,0 +1,244 @@
+"""From a claimed study to stored results: instances -> eligibility -> pixel path -> model -> triage.
+
+Three steps with the I/O at the edges: ``pending_instances`` reads the database,
+``run_pipeline`` reads the spool, runs the model and writes heatmap PNGs, ``store_results``
+writes the results and the study's final state in ONE transaction.  Results are keyed by
+(instance, model version) and inserted with ON CONFLICT DO NOTHING, so a redelivered or
+re-queued task never writes an instance twice; instances already stored are not re-scored.
+
+Per-instance failures that cannot get better by retrying (undecodable pixels, a file that is
+not DICOM) become that instance's ``failed`` outcome; database and broker errors propagate
+so the task can retry them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import Instance, InstanceResult, Series, Study, StudyState
+from worker.config import Settings
+from worker.triage import Decision, InstanceOutcome, decide, flags_for, thresholds_for
+
+log = logging.getLogger("xray_triage.scoring")
+
+
+@dataclass(frozen=True)
+class PendingInstance:
+    instance_id: int
+    sop_instance_uid: str
+    spool_path: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class StudyWork:
+    study_id: int
+    study_uid: str
+    queued_at: datetime | None
+    instances: list[PendingInstance]  # latest version of each SOP Instance UID
+    done: list[InstanceOutcome]  # already stored for this model (a redelivery)
+
+
+@dataclass
+class ResultRow:
+    """One instance_result row before it is written."""
+
+    instance: PendingInstance
+    outcome: InstanceOutcome
+    flags: dict[str, bool] | None
+    thresholds: dict[str, float] | None
+    heatmaps: dict[str, str] | None
+
+
+def pending_instances(session: Session, study_id: int, model_ref: str) -> StudyWork:
+    """The study's current instances, split into those still to score and those already stored."""
+    study = session.execute(select(Study.study_uid, Study.queued_at).where(Study.id == study_id)).one()
+    latest = (
+        select(Instance.sop_instance_uid, func.max(Instance.version).label("v"))
+        .join(Series)
+        .where(Series.study_id == study_id)
+        .group_by(Instance.sop_instance_uid)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Instance.id, Instance.sop_instance_uid, Instance.spool_path, Instance.received_at)
+        .join(Series)
+        .join(latest, (Instance.sop_instance_uid == latest.c.sop_instance_uid) & (Instance.version == latest.c.v))
+        .where(Series.study_id == study_id)
+        .order_by(Instance.id)
+    ).all()
+    stored = {
+        r.instance_id: r
+        for r in session.scalars(
+            select(InstanceResult).where(InstanceResult.study_id == study_id, InstanceResult.model_ref == model_ref)
+        )
+    }
+    todo, done = [], []
+    for r in rows:
+        inst = PendingInstance(int(r[0]), str(r[1]), str(r[2]), r[3])
+        if inst.instance_id in stored:
+            res = stored[inst.instance_id]
+            done.append(InstanceOutcome(inst.sop_instance_uid, res.outcome, res.reason, res.scores or {}))
+        else:
+            todo.append(inst)
+    return StudyWork(study_id, str(study[0]), study[1], todo, done)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def _read(inst: PendingInstance, settings: Settings, size: int) -> tuple[np.ndarray | None, InstanceOutcome | None]:
+    """(tensor, None) for an eligible instance, else (None, its ineligible/failed outcome)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from dicom_io.eligibility import check_eligibility
+    from dicom_io.errors import PixelError
+    from dicom_io.pixels import to_model_tensor
+
+    uid = inst.sop_instance_uid
+    path = Path(settings.storage.spool_dir) / inst.spool_path  # stored relative to the spool root
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return None, InstanceOutcome(uid, "failed", f"unreadable DICOM: {type(exc).__name__}")
+    elig = check_eligibility(ds, settings.eligibility)
+    if not elig.eligible:
+        return None, InstanceOutcome(uid, "ineligible", elig.reason)
+    try:
+        return to_model_tensor(ds, size=size, limits=settings.pixels), None
+    except PixelError as exc:
+        return None, InstanceOutcome(uid, "failed", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a decoder bug on one file is permanent for that file
+        return None, InstanceOutcome(uid, "failed", f"pixel data not decodable: {type(exc).__name__}")
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    """Atomic: the worklist never shows half a PNG, a crash leaves at most a temp file."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(rgb).save(fh, format="PNG")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _safe(uid: str) -> str:
+    return "".join(c for c in uid if c.isdigit() or c == ".") or "unknown"
+
+
+def heatmap_path(settings: Settings, study_uid: str, sop_uid: str, finding: str) -> Path:
+    return Path(settings.worker.heatmap_dir) / _safe(study_uid) / f"{_safe(sop_uid)}.{finding}.png"
+
+
+def model_thresholds(model: Any, settings: Settings) -> dict[str, float]:
+    """The thresholds in force: the model card's, overridden per site by ``triage.thresholds``."""
+    return thresholds_for({f: model.threshold(f) for f in model.card.findings}, settings.triage)
+
+
+def run_pipeline(
+    model: Any, work: StudyWork, settings: Settings, thresholds: dict[str, float]
+) -> tuple[list[ResultRow], float]:
+    """Score every pending instance in batches; returns rows and the forward-pass seconds."""
+    from models.gradcam import overlay
+
+    findings = list(model.card.findings)
+    rows: list[ResultRow] = []
+    ready: list[tuple[PendingInstance, np.ndarray]] = []
+    for inst in work.instances:
+        tensor, outcome = _read(inst, settings, model.input_size)
+        if outcome is not None:
+            rows.append(ResultRow(inst, outcome, None, None, None))
+        else:
+            ready.append((inst, tensor))  # type: ignore[arg-type]
+    forward_s = 0.0
+    bs = settings.worker.batch_size
+    for start in range(0, len(ready), bs):
+        chunk = ready[start : start + bs]
+        x = np.stack([t for _, t in chunk])
+        t0 = time.perf_counter()
+        maps, probs = model.heatmaps(x, findings)  # one forward pass gives scores and every map
+        forward_s += time.perf_counter() - t0
+        for i, (inst, tensor) in enumerate(chunk):
+            scores = {f: float(probs[i][j]) for j, f in enumerate(findings)}
+            flags = flags_for(scores, thresholds)
+            paths: dict[str, str] = {}
+            for j, f in enumerate(findings):
+                if flags.get(f):
+                    path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
+                    rgb = (overlay(tensor, maps[i, j]) * 255.0 + 0.5).astype(np.uint8)
+                    _write_png(path, rgb)
+                    paths[f] = str(path)
+            outcome = InstanceOutcome(inst.sop_instance_uid, "scored", None, scores)
+            rows.append(ResultRow(inst, outcome, flags, dict(thresholds), paths))
+    return rows, forward_s
+
+
+# --------------------------------------------------------------------------- storing
+
+
+def _insert_ignore(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql if dialect == "postgresql" else sqlite).insert(InstanceResult)
+
+
+def store_results(
+    session: Session,
+    work: StudyWork,
+    rows: list[ResultRow],
+    model_ref: str,
+    pipeline_version: str,
+    started_at: datetime,
+    now: datetime,
+) -> None:
+    """Insert the rows; an (instance, model) pair stored by an earlier delivery is left alone."""
+    if not rows:
+        return
+    values = [
+        {
+            "instance_id": r.instance.instance_id,
+            "study_id": work.study_id,
+            "model_ref": model_ref,
+            "outcome": r.outcome.outcome,
+            "reason": r.outcome.reason,
+            "scores": dict(r.outcome.scores) or None,
+            "flags": r.flags,
+            "thresholds": r.thresholds,
+            "heatmaps": r.heatmaps,
+            "pipeline_version": pipeline_version,
+            "received_at": r.instance.received_at,
+            "queued_at": work.queued_at,
+            "started_at": started_at,
+            "finished_at": now,
+        }
+        for r in rows
+    ]
+    stmt = _insert_ignore(session).values(values).on_conflict_do_nothing(index_elements=["instance_id", "model_ref"])
+    session.execute(stmt)
+
+
+def decide_study(work: StudyWork, rows: list[ResultRow], thresholds: dict[str, float], settings: Settings) -> Decision:
+    return decide([*work.done, *(r.outcome for r in rows)], thresholds, settings.triage)
+
+
+def final_state(decision: Decision) -> StudyState:
+    return StudyState(decision.state)

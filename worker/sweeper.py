@@ -1,0 +1,109 @@
+"""Re-queue studies whose message was lost, so a lost message cannot lose a study.
+
+A message can die with a broker that restarts without persistence, or stay unacknowledged
+for the broker's visibility timeout after its worker died.  The study then sits in `queued`
+or `processing` with no one working on it.  The sweeper finds studies that have been there
+longer than the configured timeout and hands them off again with a new generation (claim and
+publish in one transaction, as the hand-off does); the new generation makes any late copy of
+the old message stale, and results keyed by (instance, model) make a re-run write nothing twice.
+
+It runs in the listener process, in the hand-off thread (worker/handoff.py), so every
+deployment that receives studies also sweeps them; several listeners may sweep the same
+database, the conditional UPDATE lets exactly one win each study.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Study, StudyState, utcnow
+from db.session import session_scope
+from db.transitions import move_state
+from worker.config import Settings
+from worker.handoff import Handoff, Publisher
+
+log = logging.getLogger("xray_triage.sweeper")
+
+SWEEP_BATCH = 100
+
+
+@dataclass(frozen=True)
+class Stuck:
+    study_id: int
+    study_uid: str
+    state: StudyState
+    generation: int
+    queue: str
+
+
+def stuck_studies(session: Session, settings: Settings, now: datetime, limit: int = SWEEP_BATCH) -> list[Stuck]:
+    """Studies queued or processing for longer than their timeout, oldest first."""
+    cfg = settings.worker
+    queued_cutoff = now - timedelta(seconds=cfg.queued_timeout_s)
+    processing_cutoff = now - timedelta(seconds=cfg.processing_timeout_s)
+    rows = session.execute(
+        select(Study.id, Study.study_uid, Study.state, Study.handoff_generation, Study.queue_name)
+        .where(
+            or_(
+                (Study.state == StudyState.QUEUED) & (Study.state_changed_at <= queued_cutoff),
+                (Study.state == StudyState.PROCESSING) & (Study.state_changed_at <= processing_cutoff),
+            )
+        )
+        .order_by(Study.state_changed_at)
+        .limit(limit)
+    ).all()
+    return [
+        Stuck(int(r[0]), str(r[1]), StudyState(r[2]), int(r[3]), str(r[4] or settings.queues.routine)) for r in rows
+    ]
+
+
+def requeue(factory: sessionmaker[Session], stuck: Stuck, now: datetime, publish: Publisher, reason: str) -> int | None:
+    """Claim and publish with generation + 1 in one transaction; the new generation, or None if it moved on."""
+    with session_scope(factory) as session:
+        won = move_state(
+            session,
+            stuck.study_id,
+            stuck.state,
+            StudyState.QUEUED,
+            now,
+            reason=reason,
+            where=[Study.handoff_generation == stuck.generation],
+            values={"handoff_generation": stuck.generation + 1, "queued_at": now},
+        )
+        if not won:
+            return None
+        publish(Handoff(stuck.study_uid, stuck.generation + 1, stuck.queue))
+        return stuck.generation + 1
+
+
+def sweep_once(
+    factory: sessionmaker[Session], publish: Publisher, settings: Settings, now: datetime | None = None
+) -> int:
+    """Re-queue every stuck study; stops at the first publish failure (the broker is down). Returns the count."""
+    now = now or utcnow()
+    with factory() as session:
+        candidates = stuck_studies(session, settings, now)
+    done = 0
+    for stuck in candidates:
+        timeout = (
+            settings.worker.queued_timeout_s
+            if stuck.state is StudyState.QUEUED
+            else settings.worker.processing_timeout_s
+        )
+        reason = f"re-queued by the sweeper: {stuck.state.value} for more than {timeout:g} s"
+        try:
+            generation = requeue(factory, stuck, now, publish, reason)
+        except Exception as exc:  # noqa: BLE001 - broker or database down: roll back, retry next sweep
+            log.warning("re-queue of study %s failed, will retry: %s: %s", stuck.study_uid, type(exc).__name__, exc)
+            break
+        if generation is not None:
+            log.warning(
+                "study %s was %s too long: re-queued (generation %d)", stuck.study_uid, stuck.state.value, generation
+            )
+            done += 1
+    return done
