@@ -137,6 +137,13 @@ class ScoringEnv:
             ).all()
         return [r[0] for r in rows]
 
+    def transition_reasons(self, uid: str) -> list[str | None]:
+        with self.factory() as s:
+            rows = s.execute(
+                select(StateTransition.reason).join(Study).where(Study.study_uid == uid).order_by(StateTransition.id)
+            ).all()
+        return [r[0] for r in rows]
+
     def state_of(self, uid: str) -> StudyState | None:
         with self.factory() as s:
             value = s.scalar(select(Study.state).where(Study.study_uid == uid))
