@@ -50,9 +50,12 @@ def test_split_written_and_read_back(shared_records, tmp_path):
     sha2 = write_split(list(reversed(recs)), tmp_path / "b.csv")
     assert sha1 == sha2 == file_sha256(tmp_path / "a.csv")  # content-addressed: order does not matter
     back = read_split(tmp_path / "a.csv")
-    assert sorted((str(r.path), r.given_split, r.labels) for r in back) == sorted(
-        (str(r.path), r.given_split, r.labels) for r in recs
+    assert sorted((str(r.path.resolve()), r.given_split, r.labels) for r in back) == sorted(
+        (str(r.path.resolve()), r.given_split, r.labels) for r in recs
     )
+    # paths are stored relative to the checkout, so a committed split names the same images elsewhere
+    rows = (tmp_path / "a.csv").read_text().splitlines()[1:]
+    assert not any(row.startswith("/") for row in rows)
 
 
 def test_train_val_test_folder_layout_is_honoured(shared_records, tmp_path):

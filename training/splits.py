@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from models.findings import FINDING_NAMES
 from training.readers import Record
 
 SPLITS = ("train", "val", "test")
+REPO = Path(__file__).resolve().parents[1]
 SPLIT_COLUMNS = ("path", "split", "source", "patient_id", "population", "raw_label", "view", *FINDING_NAMES)
 
 
@@ -87,6 +89,15 @@ def apply_split(records: Sequence[Record], assignment: dict[str, str]) -> list[R
     return [replace(r, given_split=assignment[r.patient_id]) for r in records]
 
 
+def _portable(path: Path) -> str:
+    """Image paths relative to the repository root (``../shared/data/...``), so a committed
+    split file names the same images on any checkout that has the data beside it."""
+    try:
+        return os.path.relpath(os.path.normpath(path), REPO)
+    except ValueError:  # another drive (Windows): keep it absolute
+        return str(path)
+
+
 def write_split(records: Sequence[Record], path: str | Path) -> str:
     """Write the split CSV (sorted, so the bytes depend only on the content); return its SHA-256."""
     path = Path(path)
@@ -97,7 +108,7 @@ def write_split(records: Sequence[Record], path: str | Path) -> str:
         w.writerow(SPLIT_COLUMNS)
         for r in rows:
             w.writerow(
-                [str(r.path), r.given_split, r.source, r.patient_id, r.population, r.raw_label, r.view, *r.labels]
+                [_portable(r.path), r.given_split, r.source, r.patient_id, r.population, r.raw_label, r.view, *r.labels]
             )
     return file_sha256(path)
 
@@ -109,7 +120,7 @@ def read_split(path: str | Path) -> list[Record]:
         for row in csv.DictReader(fh):
             out.append(
                 Record(
-                    path=Path(row["path"]),
+                    path=_resolve(row["path"]),
                     source=row["source"],
                     patient_id=row["patient_id"],
                     labels=tuple(int(row[n]) for n in FINDING_NAMES),
@@ -120,6 +131,11 @@ def read_split(path: str | Path) -> list[Record]:
                 )
             )
     return out
+
+
+def _resolve(p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else REPO / path
 
 
 def file_sha256(path: str | Path) -> str:
