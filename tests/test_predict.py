@@ -63,3 +63,28 @@ def test_predict_human_format_carries_disclaimer(tiny_model_dir, capsys):
     )
     assert rc == 0
     assert DISCLAIMER in out and "pneumonia" in out and "threshold" in out
+
+
+def test_shipped_default_model_predicts_and_separates_pneumonia(capsys):
+    """The committed model (no --model: models/default) on real held-out validation images."""
+    import csv
+    from pathlib import Path
+
+    from models.registry import DEFAULT_MODEL_DIR
+
+    split = DEFAULT_MODEL_DIR / "split.csv"
+    with split.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "val" and r["source"] == "kermany"]
+    pos = [r["path"] for r in rows if r["pneumonia"] == "1"][:6]
+    neg = [r["path"] for r in rows if r["pneumonia"] == "0"][:6]
+    shared_file("kermany")  # skips with a clear message when the real data is absent
+    repo = Path(__file__).resolve().parents[1]
+    files = [(repo / p).resolve() for p in pos + neg]  # split paths are relative to the checkout
+    dicom = shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")
+    rc = main(["predict", "--json", str(dicom), *map(str, files)])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and len(out) == 1 + len(files)
+    assert out[0]["model"].startswith("default@") and out[0]["eligible"] is True
+    p = [r["scores"]["pneumonia"] for r in out[1:]]
+    mean_pos, mean_neg = sum(p[: len(pos)]) / len(pos), sum(p[len(pos) :]) / len(neg)
+    assert mean_pos > mean_neg + 0.3

@@ -303,6 +303,9 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     y_all = record_labels(recs)
     split_arr = np.array([r.given_split for r in recs])
     tr, va, te = (np.flatnonzero(split_arr == s) for s in ("train", "val", "test"))
+    only = cfg.hp("train_sources", None)  # ablations: train on some sources, validate on the full split
+    if only:
+        tr = tr[np.isin(np.array([recs[i].source for i in tr]), list(only))]
     pops = [r.population for r in recs]
     log.info("records: train %d, val %d, test %d", len(tr), len(va), len(te))
 
