@@ -23,6 +23,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from celery import Celery, Task
+from celery.exceptions import Retry
 from celery.signals import worker_process_init
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select
@@ -34,7 +35,7 @@ from db.transitions import move_state
 from worker.celery_app import PROCESS_STUDY_TASK
 from worker.config import Settings
 from worker.scoring import decide_study, final_state, model_thresholds, pending_instances, run_pipeline, store_results
-from worker.triage import Decision
+from worker.triage import AI_UNAVAILABLE, Decision, Level
 
 log = logging.getLogger("xray_triage.tasks")
 
@@ -177,6 +178,25 @@ def score_claimed(
     return Outcome(state, decision, applied)
 
 
+def fail_claimed(factory: sessionmaker[Session], study_id: int, generation: int, reason: str) -> bool:
+    """processing -> failed(reason), routine and marked "AI unavailable – read as usual"."""
+    with session_scope(factory) as session:
+        return finish_study(
+            session,
+            study_id,
+            generation,
+            StudyState.FAILED,
+            reason,
+            utcnow(),
+            values={
+                "priority": Level.ROUTINE,
+                "ai_priority": Level.ROUTINE,
+                "priority_reason": f"{AI_UNAVAILABLE} ({reason})",
+                "ai_state": AI_UNAVAILABLE,
+            },
+        )
+
+
 def register_tasks(app: Celery, settings: Settings) -> Task:
     """Register process_study on `app` and the per-process model load; returns the task object."""
     url = settings.database.url
@@ -192,8 +212,9 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
 
     @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def process_study(self: Task, study_uid: str, generation: int) -> str:
+        claimed: ClaimResult | None = None
+        factory = _factory(url)
         try:
-            factory = _factory(url)
             with session_scope(factory) as session:
                 claimed = begin_processing(session, study_uid, int(generation), utcnow())
             if claimed.claim is Claim.NOT_YET:
@@ -209,6 +230,16 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
                 study_uid, generation, type(exc).__name__, self.request.retries + 1, countdown,
             )  # fmt: skip
             raise self.retry(exc=exc, countdown=countdown, max_retries=cfg.max_retries) from None
+        except Retry:
+            raise
+        except Exception as exc:
+            # No model, or a bug: retrying cannot help, and the study must not sit in `processing`
+            # until the sweeper re-queues it forever.  It goes on the worklist, read as usual.
+            if claimed is None or claimed.study_id is None:
+                raise
+            log.error("study %s generation %s: scoring failed: %s", study_uid, generation, type(exc).__name__)
+            fail_claimed(factory, claimed.study_id, int(generation), f"AI error: {type(exc).__name__}: {exc}")
+            return StudyState.FAILED.value
         log.info(
             "study %s generation %s: %s (%s)%s",
             study_uid, generation, outcome.state.value, outcome.decision.priority_reason,
