@@ -13,7 +13,8 @@ from sqlalchemy import select
 
 from db.models import Study, StudyState, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
-from worker.config import TriageConfig
+from worker.config import QueuesConfig, TriageConfig
+from worker.handoff import queue_for
 from worker.triage import (
     AI_UNAVAILABLE,
     InstanceOutcome,
@@ -152,3 +153,11 @@ def test_silent_mode_leaves_the_order_by_time(backend) -> None:
         rows.append((uid, d.priority, age))
     _insert(backend.database_url, rows)
     assert _order(backend.database_url, cfg) == ["b-normal", "c-positive", "a-positive"]
+
+
+def test_routing_by_calling_ae_and_requested_priority() -> None:
+    queues = QueuesConfig(urgent="u", routine="r", urgent_calling_aes=["ER_DR1"])
+    assert queue_for(None, queues, "ER_DR1") == "u"
+    assert queue_for("STAT", queues, "WARD_CR") == "u"
+    assert queue_for("ROUTINE", queues, "WARD_CR") == "r"
+    assert queue_for(None, queues) == "r"
