@@ -143,11 +143,12 @@ class TriageModel:
         results: list[ImageResult] = []
         tensors: list[np.ndarray] = []
         slots: list[int] = []
+        rules = _eligibility_rules()  # once per batch, not once per file
         for p in paths:
             res = ImageResult(path=str(p), eligible=False, reason=None, scores=None, model=self.ref)
             try:
                 header, pixel_source = _read_header(Path(p))
-                elig = _eligibility(header)
+                elig = _eligibility(header, rules)
                 res.eligible = bool(elig.eligible)
                 res.reason = elig.reason
                 res.flags = {"notes": list(getattr(elig, "flags", ()))}
@@ -181,14 +182,19 @@ def _read_header(path: Path) -> tuple[Any, Any]:
     return ds, ds
 
 
-def _eligibility(header: Any) -> Any:
-    from dicom_io.eligibility import check_eligibility
+def _eligibility_rules() -> Any:
+    """The site's eligibility rules; a bad configuration must not stop scoring: defaults apply."""
     from worker.config import load_settings
 
     try:
-        rules = load_settings().eligibility
-    except Exception:  # noqa: BLE001 - a bad config must not stop predict; the defaults apply
-        rules = None
+        return load_settings().eligibility
+    except Exception:  # noqa: BLE001 - ConfigError or a settings object without the section
+        return None
+
+
+def _eligibility(header: Any, rules: Any) -> Any:
+    from dicom_io.eligibility import check_eligibility
+
     return check_eligibility(header, rules)
 
 

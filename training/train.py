@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from models.architectures import LOGITS_LAYER, ArchConfig, AugmentConfig, build_model
-from models.card import ModelCard
+from models.card import DEFAULT_LIMITATIONS, ModelCard
 from models.findings import DEFAULT_TARGET_SENSITIVITY, FINDING_NAMES
 from training import metrics as M
 from training.readers import Record, read_dataset, read_shared_data, summarize
@@ -54,6 +54,8 @@ class TrainConfig:
     run_dir: str | None = None
     output: str | None = None
     cache_dir: str | None = "training/cache"
+    # Known limitations found by evaluating this model, carried into its card verbatim.
+    limitations: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -376,7 +378,17 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     if (run / "history.csv").exists():
         shutil.copyfile(run / "history.csv", out / "history.csv")
     summary = summarize([r for r in recs if r.given_split == "train"])
+    limitations = list(DEFAULT_LIMITATIONS) + list(cfg.limitations)
+    for n in FINDING_NAMES:
+        op = val_metrics["overall"][n].get("operating_point") or {}
+        spec = op.get("specificity")
+        if spec is not None and spec < 0.5:
+            limitations.append(
+                f"{n}: at the threshold for sensitivity {cfg.target_sensitivity:.2f} the validation specificity is "
+                f"only {spec:.2f}, so the {n} flag is raised for most images and carries little information."
+            )
     card = ModelCard(
+        limitations=limitations,
         name=cfg.name,
         version=cfg.version,
         architecture=arch.arch,
