@@ -54,9 +54,21 @@ def cmd_predict(settings: Any, args: argparse.Namespace) -> int:
     from models.registry import TriageModel
 
     model = TriageModel.load(args.model, settings)
-    results = model.score_files(args.files, batch_size=args.batch_size)
+    n_scored = 0
+    # chunks: thousands of files stream out line by line instead of all pixels held in memory
+    chunk = max(1, args.batch_size) * 4
+    for start in range(0, len(args.files), chunk):
+        results = model.score_files(args.files[start : start + chunk], batch_size=args.batch_size)
+        n_scored += sum(r.scores is not None for r in results)
+        _print_results(model, results, args.json)
+    if not args.json:
+        print(DISCLAIMER)
+    return 0 if n_scored or not args.files else 1
+
+
+def _print_results(model: Any, results: list[Any], as_json: bool) -> None:
     for r in results:
-        if args.json:
+        if as_json:
             print(json.dumps(r.to_dict()), flush=True)
             continue
         print(f"{r.path}  [{model.ref}]")
@@ -69,9 +81,6 @@ def cmd_predict(settings: Any, args: argparse.Namespace) -> int:
             if f in r.scores:
                 mark = "FLAG" if r.flags.get(f) else "    "
                 print(f"  {mark} {f:<10} {r.scores[f]:.3f}  (threshold {model.threshold(f):.3f})")
-    if not args.json:
-        print(DISCLAIMER)
-    return 0 if any(r.scores is not None for r in results) or not results else 1
 
 
 def register_commands(add: AddFn) -> None:
