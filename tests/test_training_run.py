@@ -74,3 +74,16 @@ def test_evaluation_report(tiny_model_dir, tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 5000
     report = (out / "report.md").read_text()
     assert DISCLAIMER in report and "![ROC curves](roc.png)" in report and "AUC [95% CI]" in report
+
+
+def test_same_seed_same_run(tmp_path):
+    """Seeded: two runs of one config give the same split, the same losses and the same thresholds."""
+    outs = []
+    for i in (1, 2):
+        cfg = tiny_config(tmp_path / str(i), name="seeded", epochs=1)
+        train(cfg, resume=False, progress=False)
+        with (tmp_path / str(i) / "out" / "history.csv").open() as fh:
+            hist = list(csv.DictReader(fh))
+        card = json.loads((tmp_path / str(i) / "out" / "card.json").read_text())
+        outs.append((hist[0]["loss"], card["thresholds"], card["split"]["sha256"]))
+    assert outs[0] == outs[1]
