@@ -131,7 +131,9 @@ def _finished(factory: Any, uids: list[str]) -> dict[str, Any]:
 
     with factory() as s:
         rows = s.execute(
-            select(Study.study_uid, Study.finished_at, Study.queued_at, Study.state).where(Study.study_uid.in_(uids))
+            select(Study.study_uid, Study.finished_at, Study.queued_at, Study.state, Study.processing_at).where(
+                Study.study_uid.in_(uids)
+            )
         ).all()
     return {r[0]: r for r in rows if r[1] is not None}
 
@@ -157,6 +159,11 @@ def _start_worker(settings: Any, var: Path, concurrency: int) -> subprocess.Pope
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+
+
+def _p95(sorted_values: list[float]) -> float:
+    """Nearest-rank 95th percentile of an already sorted list."""
+    return sorted_values[max(0, math.ceil(0.95 * len(sorted_values)) - 1)]
 
 
 def run_config(files: list[Path], concurrency: int, interval_s: float, root: Path) -> dict[str, Any]:
@@ -189,6 +196,12 @@ def run_config(files: list[Path], concurrency: int, interval_s: float, root: Pat
             ends[uid] = _push(listener.port, path)
         done = _wait_all(factory, list(ends))
         latencies = sorted((done[u][1] - ends[u]).total_seconds() for u in ends if u in done)
+        # Where the time goes: association end -> hand-off -> task start -> committed.
+        segments = {
+            "handoff_s": sorted((done[u][2] - ends[u]).total_seconds() for u in done),
+            "queue_wait_s": sorted((done[u][4] - done[u][2]).total_seconds() for u in done),
+            "processing_s": sorted((done[u][1] - done[u][4]).total_seconds() for u in done),
+        }
 
         # Backlog: push with the hand-off paused, then release every study at once.
         listener.stop()
@@ -211,9 +224,10 @@ def run_config(files: list[Path], concurrency: int, interval_s: float, root: Pat
             "studies": len(paced),
             "arrival_interval_s": interval_s,
             "latency_p50_s": statistics.median(latencies),
-            "latency_p95_s": latencies[max(0, math.ceil(0.95 * len(latencies)) - 1)],  # nearest rank
+            "latency_p95_s": _p95(latencies),
             "latency_max_s": latencies[-1],
             "scored_latency": len(latencies),
+            "segments_p50_p95_s": {k: (statistics.median(v), _p95(v)) for k, v in segments.items()},
             "throughput_studies_per_s": len(done_b) / span if span > 0 else float("nan"),
             "throughput_span_s": span,
             "final_states": states,
@@ -284,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"p95 {r['latency_p95_s']:.2f} s (max {r['latency_max_s']:.2f} s, {r['studies']} studies, one every "
             f"{r['arrival_interval_s']} s); throughput {r['throughput_studies_per_s']:.2f} studies/s = "
             f"{ratio1:.0%} of bare batch-1, {ratio16:.0%} of bare batch-16; states {r['final_states']}"
+        )
+        print(
+            "    p50/p95 per segment: "
+            + ", ".join(f"{k} {a:.2f}/{b:.2f}" for k, (a, b) in r["segments_p50_p95_s"].items())
         )
     return result
 
