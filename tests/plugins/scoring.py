@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class WorkerProcess:
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill_all reaches the main process and the pool
         )
 
     def output(self) -> str:
@@ -89,13 +91,26 @@ class WorkerProcess:
             return []
         return [int(p) for p in raw.split()]
 
+    def kill_all(self) -> None:
+        """kill -9 of the whole worker: the Celery main process and every pool child, at once."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(60)
+
     def stop(self) -> int:
+        if self.proc.poll() is not None:
+            try:  # the main process is gone; leave no orphaned pool child behind
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
         return int(self.proc.returncode)
@@ -111,6 +126,7 @@ class ScoringEnv:
     worker: WorkerProcess | None = None
     listener: Any = None
     proxy: TcpProxy | None = None
+    worker_database_url: str | None = None  # where the worker reaches the database (the proxy), if not direct
     cleanup: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -158,6 +174,7 @@ class ScoringEnv:
 def start_env_worker(env: ScoringEnv, database_url: str | None = None, concurrency: int = 1) -> WorkerProcess:
     """Start a worker for `env`, optionally reaching the database through another URL (a proxy)."""
     settings = env.settings
+    database_url = database_url or env.worker_database_url
     if database_url is not None:
         settings = settings.model_copy(update={"database": settings.database.model_copy(update={"url": database_url})})
     config = write_config(settings, env.var / f"worker-{len(env.cleanup)}.yaml")
@@ -189,27 +206,30 @@ class ScoringDatabase:
         admin.dispose()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def scoring_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScoringEnv]:
-    """Listener + one worker per backend for the whole module: SQLite + embedded broker, PostgreSQL + Redis."""
+@contextmanager
+def open_scoring_env(backend: str, var: Path, **sections: dict[str, Any]) -> Iterator[ScoringEnv]:
+    """Listener + one worker on `backend` ("sqlite": SQLite + embedded broker; "postgres": PostgreSQL + Redis).
+
+    `sections` override the scoring settings (e.g. ``triage={"silent_mode": True}``).
+    """
     from dicom_io.listener import start
 
-    var = tmp_path_factory.mktemp(f"scoring-{request.param}")
-    tag = f"{SESSION_TAG}-{request.param}-{os.getpid()}"
+    tag = f"{SESSION_TAG}-{backend}-{os.getpid()}-{var.name}"
     db: ScoringDatabase | None = None
-    if request.param == "sqlite":
+    if backend == "sqlite":
         url = f"sqlite:///{var / 'xray-triage.db'}"
         upgrade(url)
-        settings = scoring_settings(url, f"sqla+sqlite:///{var / 'broker.db'}", var, tag)
+        settings = scoring_settings(url, f"sqla+sqlite:///{var / 'broker.db'}", var, tag, **sections)
     else:
-        db = ScoringDatabase(f"sc_{os.getpid()}")
-        settings = scoring_settings(db.url, REDIS_URL, var, tag)
-    env = ScoringEnv(request.param, settings, var)
+        db = ScoringDatabase(f"sc_{os.getpid()}_{var.name}".replace("-", "_"))
+        settings = scoring_settings(db.url, REDIS_URL, var, tag, **sections)
+    env = ScoringEnv(backend, settings, var)
     try:
         env.listener = start(settings)
         if db is not None:
             env.proxy = TcpProxy((PG_HOST, PG_PORT))
-            env.worker = start_env_worker(env, database_url=db.url_via("127.0.0.1", env.proxy.port))
+            env.worker_database_url = db.url_via("127.0.0.1", env.proxy.port)
+            env.worker = start_env_worker(env)
         else:
             env.worker = start_env_worker(env)
         yield env
@@ -226,6 +246,13 @@ def scoring_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
             redis.Redis.from_url(REDIS_URL).delete(settings.queues.urgent, settings.queues.routine)
             db.drop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def scoring_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScoringEnv]:
+    """Listener + one worker per backend for the whole module: SQLite + embedded broker, PostgreSQL + Redis."""
+    with open_scoring_env(request.param, tmp_path_factory.mktemp(f"scoring-{request.param}")) as env:
+        yield env
 
 
 def as_new_study(source: Path, out: Path, **attrs: Any) -> Path:
