@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -60,6 +61,19 @@ class StudyState(enum.StrEnum):
 TERMINAL_STATES = frozenset({StudyState.SCORED, StudyState.INELIGIBLE, StudyState.FAILED})
 
 
+class ReadState(enum.StrEnum):
+    """Where the radiologist's reading of a study stands (the worklist's, not the pipeline's)."""
+
+    UNREAD = "unread"
+    IN_PROGRESS = "in_progress"
+    READ = "read"
+
+
+class Role(enum.StrEnum):
+    RADIOLOGIST = "radiologist"
+    ADMIN = "admin"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime}  # noqa: RUF012 - read once by SQLAlchemy, never mutated
 
@@ -102,6 +116,16 @@ class Study(Base):
     # None while not final; "AI unavailable – read as usual" for failed/ineligible studies.
     ai_state: Mapped[str | None] = mapped_column(Text)
     model_ref: Mapped[str | None] = mapped_column(String(128))
+    # The finding that set the priority (highest margin over its threshold, else the closest
+    # miss) and its score; `flagged_findings` is ",pneumonia,covid19," so the worklist can
+    # filter by finding with one portable LIKE.  NULL until scored.
+    top_finding: Mapped[str | None] = mapped_column(String(32))
+    top_score: Mapped[float | None] = mapped_column(Float)
+    flagged_findings: Mapped[str | None] = mapped_column(String(128))
+    # Reading state, set from the worklist (who and when, also in the audit table).
+    read_state: Mapped[ReadState] = mapped_column(String(16), default=ReadState.UNREAD)
+    read_by: Mapped[str | None] = mapped_column(String(64))
+    read_state_at: Mapped[datetime | None] = mapped_column()
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     transitions: Mapped[list[StateTransition]] = relationship(
@@ -110,8 +134,12 @@ class Study(Base):
 
     __table_args__ = (
         Index("ix_study_state_last_instance", "state", "last_instance_at"),
-        Index("ix_study_priority_received", "priority", "received_at"),
+        # The worklist reads each priority level as a range of this index (worklist/queries.py).
+        Index("ix_study_priority_received", "priority", "received_at", "id"),
         Index("ix_study_received_at", "received_at"),
+        Index("ix_study_read_state", "read_state", "received_at"),
+        Index("ix_study_calling_ae", "calling_ae", "received_at"),
+        Index("ix_study_study_date", "study_date"),
     )
 
 
@@ -200,3 +228,44 @@ class InstanceResult(Base):
     finished_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (UniqueConstraint("instance_id", "model_ref", name="uq_result_instance_model"),)
+
+
+class User(Base):
+    """A worklist user; the password is stored only as an argon2id hash (salted, slow)."""
+
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[Role] = mapped_column(String(16), default=Role.RADIOLOGIST)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who viewed or changed what, and when: every study view and every state change."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    username: Mapped[str | None] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32))
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkerHeartbeat(Base):
+    """One row per worker process, refreshed while it runs: what the admin page and /healthz read."""
+
+    __tablename__ = "worker_heartbeat"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(128))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str] = mapped_column(Text)
+    model_ref: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    tasks_done: Mapped[int] = mapped_column(Integer, default=0)

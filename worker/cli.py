@@ -17,6 +17,7 @@ from worker.config import ConfigError, Settings, effective_config, load_settings
 log = logging.getLogger("xray_triage")
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 
 
@@ -82,6 +83,61 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     return run_all(settings, config_path=args.config, concurrency=args.concurrency)
 
 
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    from worklist.server import serve
+
+    serve(settings)
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """From stdin (scripts) or asked twice on the terminal; never from the command line."""
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass(f"password for {args.username}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
+    from db.session import make_engine, make_sessionmaker, session_scope
+    from worklist.users import add_user
+
+    password = _read_password(args)
+    engine = make_engine(settings.database.url, hide_parameters=True)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            add_user(session, args.username, password, args.role)
+    except ValueError as exc:
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        engine.dispose()
+    print(f"user {args.username} added with role {args.role}")
+    return 0
+
+
+def cmd_user_password(settings: Settings, args: argparse.Namespace) -> int:
+    from db.session import make_engine, make_sessionmaker, session_scope
+    from worklist.users import set_password
+
+    password = _read_password(args)
+    engine = make_engine(settings.database.url, hide_parameters=True)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            set_password(session, args.username, password)
+    except ValueError as exc:
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        engine.dispose()
+    print(f"password of {args.username} changed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xray-triage",
@@ -100,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run a Celery worker that processes queued studies")
     p.add_argument("--queues", help="comma-separated queue names (default: urgent and routine)")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
-    p = add("run", cmd_run, "listener and worker in one command (what `make run` starts)")
+    add("web", cmd_web, "serve the worklist web app and JSON API")
+    p = add("run", cmd_run, "listener, worker and worklist web app in one command (what `make run` starts)")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
 
     db = sub.add_parser("db", help="database maintenance", description="database maintenance")
@@ -114,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub.required = True
     p = cfg_sub.add_parser("check", help="validate and print the effective configuration, secrets masked")
     p.set_defaults(func=cmd_config_check)
+
+    user = sub.add_parser("user", help="worklist users", description="worklist users")
+    user_sub = user.add_subparsers(dest="user_command", metavar="ACTION")
+    user_sub.required = True
+    for name, func, help_ in (
+        ("add", cmd_user_add, "add a worklist user (password asked twice, or read from stdin)"),
+        ("password", cmd_user_password, "change a user's password"),
+    ):
+        p = user_sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("username")
+        if name == "add":
+            p.add_argument("--role", choices=["radiologist", "admin"], default="radiologist")
+        p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        p.set_defaults(func=func)
 
     p = add("status", cmd_status, "studies per state and queue depth")
     p.add_argument("--json", action="store_true", help="machine-readable output")

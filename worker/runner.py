@@ -1,4 +1,4 @@
-"""Process management: a Celery worker, and `run` = listener + worker as child processes.
+"""Process management: a Celery worker, and `run` = listener + worker + web app as child processes.
 
 `run` is what a newcomer starts (`make run`), so it prints where to push and stops both
 children cleanly on Ctrl-C; in production the two are separate services.
@@ -77,16 +77,19 @@ def _stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 def run_all(settings: Settings, config_path: str | None = None, concurrency: int = 1) -> int:
-    """Listener and worker as child processes; returns when either exits or on Ctrl-C/SIGTERM."""
+    """Listener, worker and web app as child processes; returns when one exits or on Ctrl-C/SIGTERM."""
     cfg = settings.listener
+    web = settings.web
     children = [
         subprocess.Popen(_child_command(config_path, "listen")),
         subprocess.Popen(_child_command(config_path, "worker", "--concurrency", str(concurrency))),
+        subprocess.Popen(_child_command(config_path, "web")),
     ]
     print(
         f"xray-triage is running. Push DICOM to AE title {cfg.ae_title} at {cfg.bind_address}:{cfg.port}\n"
         f"  e.g. storescu -aec {cfg.ae_title} {cfg.bind_address} {cfg.port} image.dcm\n"
-        "Ctrl-C stops the listener and the worker.",
+        f"Worklist: http://{web.bind_address}:{web.port}/ (add a user first: xray-triage user add NAME --role admin)\n"
+        "Ctrl-C stops the listener, the worker and the web app.",
         flush=True,
     )
     terminated = False
@@ -102,7 +105,7 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
             exited = [c for c in children if c.poll() is not None]
             if exited:
                 code = exited[0].returncode or 1
-                log.error("a child process exited with status %s; stopping the other", exited[0].returncode)
+                log.error("a child process exited with status %s; stopping the others", exited[0].returncode)
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
