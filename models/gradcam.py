@@ -7,6 +7,10 @@ pass plus a matrix product.  That exact form needs no gradients, so it runs on e
 backend and costs one forward pass for all findings at once.  For a foreign model whose head
 differs, ``gradcam_gradient`` computes the textbook Grad-CAM with TensorFlow gradients; the
 tests check that both agree on our models.
+
+Maps are (size, size) like the letterboxed model input.  ``colorize`` turns one into the RGBA
+PNG the worker stores and the viewer overlays; ``crop_letterbox`` maps it back onto the image
+(both live in ``models.heatmap_image``, which the web app imports without loading Keras).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ import numpy as np
 
 from models.architectures import CAM_LAYER, LOGITS_LAYER
 from models.findings import FINDING_INDEX, FINDING_NAMES
+from models.heatmap_image import colorize, crop_letterbox, ramp
+
+__all__ = ["colorize", "crop_letterbox", "gradcam", "gradcam_gradient", "overlay"]
 
 
 def _feature_model(model: keras.Model, layer: str = CAM_LAYER) -> keras.Model:
@@ -129,14 +136,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.nd
     """RGB float image in [0, 1]: grey radiograph with the heatmap in a jet-like colour ramp."""
     grey = np.clip(np.asarray(image, dtype="float32").squeeze(), 0, 1)
     h = np.clip(np.asarray(heatmap, dtype="float32"), 0, 1)
-    ramp = np.stack(
-        [
-            np.clip(1.5 - np.abs(4 * h - 3), 0, 1),
-            np.clip(1.5 - np.abs(4 * h - 2), 0, 1),
-            np.clip(1.5 - np.abs(4 * h - 1), 0, 1),
-        ],
-        axis=-1,
-    )
     base = np.repeat(grey[..., None], 3, axis=-1)
     a = alpha * h[..., None]
-    return (base * (1 - a) + ramp * a).astype("float32")
+    return (base * (1 - a) + ramp(h) * a).astype("float32")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from sqlalchemy import select, update
 
 from bench.e2e.dx import dx_from_image
@@ -22,6 +24,7 @@ from dicom_io.pixels import PIPELINE_VERSION
 from models.findings import FINDING_NAMES
 from tests.conftest import pydicom_data_file, shared_file
 from tests.plugins.scoring import ScoringEnv, as_new_study, study_uid_of, wait_for
+from worker.heartbeat import read_heartbeats
 from worker.triage import AI_UNAVAILABLE, Level, worklist_order
 
 
@@ -30,6 +33,30 @@ def _one_result_per_instance(env: ScoringEnv, uid: str, n: int) -> list[Instance
     assert len(results) == n
     assert len({(r.instance_id, r.model_ref) for r in results}) == n
     return results
+
+
+def _expected_flagged_findings(results: list[InstanceResult]) -> str | None:
+    """``,f1,f2,`` from the per-instance flags stored with the results (None when none is flagged)."""
+    flagged = {f for r in results if r.flags for f, on in r.flags.items() if on}
+    return f",{','.join(f for f in FINDING_NAMES if f in flagged)}," if flagged else None
+
+
+def _assert_study_opinion(study: Study, results: list[InstanceResult]) -> None:
+    """The worklist's top finding and finding filter agree with the stored instance results."""
+    assert study.flagged_findings == _expected_flagged_findings(results)
+    (result,) = results  # one instance: it is the one that set the level
+    top = min(result.scores, key=lambda f: result.thresholds[f] - result.scores[f])
+    assert study.top_finding == top
+    assert study.top_score == pytest.approx(result.scores[top])
+    assert f"{top} {result.scores[top]:.2f}" in study.priority_reason
+
+
+def _pool_heartbeats(env: ScoringEnv) -> list[dict]:
+    assert env.worker is not None
+    pids = set(env.worker.pool_children())
+    with env.factory() as s:
+        rows = read_heartbeats(s, utcnow(), stale_after_s=4 * env.settings.worker.heartbeat_interval_s)
+    return [r for r in rows if r["pid"] in pids and r["hostname"] == socket.gethostname()]
 
 
 def test_real_images_end_scored_ineligible_or_failed(scoring_env: ScoringEnv, tmp_path: Path) -> None:
@@ -65,7 +92,9 @@ def test_real_images_end_scored_ineligible_or_failed(scoring_env: ScoringEnv, tm
         assert flagged == {f for f, s in result.scores.items() if s >= result.thresholds[f]}
         assert set(result.heatmaps) == flagged
         for path in result.heatmaps.values():
-            assert Path(path).read_bytes().startswith(b"\x89PNG")
+            with Image.open(path) as im:  # the map alone, for the viewer to overlay at any opacity
+                assert (im.format, im.mode, im.size) == ("PNG", "RGBA", (224, 224))
+        _assert_study_opinion(study, [result])
         flagged_any |= bool(flagged)
         assert env.states(uid) == ["receiving", "queued", "processing", "scored"]
         if flagged:
@@ -79,6 +108,7 @@ def test_real_images_end_scored_ineligible_or_failed(scoring_env: ScoringEnv, tm
         assert words in (study.state_reason or "")
         assert (study.ai_state, study.priority) == (AI_UNAVAILABLE, Level.ROUTINE)
         assert study.priority_reason.startswith(AI_UNAVAILABLE)
+        assert (study.top_finding, study.top_score, study.flagged_findings) == (None, None, None)
         (result,) = _one_result_per_instance(env, study.study_uid, 1)
         assert result.outcome == "ineligible" and result.scores is None
 
@@ -86,7 +116,20 @@ def test_real_images_end_scored_ineligible_or_failed(scoring_env: ScoringEnv, tm
     assert study.state == StudyState.FAILED
     assert "TruncatedPixelData" in (study.state_reason or "")
     assert (study.ai_state, study.priority) == (AI_UNAVAILABLE, Level.ROUTINE)
+    assert (study.top_finding, study.top_score, study.flagged_findings) == (None, None, None)
     assert env.worker is not None and env.worker.proc.poll() is None  # the worker survived
+
+    # Each pool process keeps a heartbeat row naming its queues and model.
+    (heartbeat,) = wait_for(lambda: _pool_heartbeats(env), what="the pool process's heartbeat row")
+    assert heartbeat["name"] == f"{socket.gethostname()}:{heartbeat['pid']}"
+    assert set(heartbeat["queues"].split(",")) == {env.settings.queues.urgent, env.settings.queues.routine}
+    assert heartbeat["model_ref"] == study.model_ref and heartbeat["alive"]
+
+    # The six studies above were counted in the process and written by a later beat.
+    def counted() -> list[dict]:
+        return [h for h in _pool_heartbeats(env) if h["tasks_done"] >= 6]
+
+    wait_for(counted, timeout=4 * env.settings.worker.heartbeat_interval_s, what="the studies done in the heartbeat")
 
 
 def _candidates(folder: str, n: int) -> list[Path]:

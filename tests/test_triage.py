@@ -22,8 +22,10 @@ from worker.triage import (
     decide,
     effective_priority,
     explain,
+    flagged_findings,
     sort_key,
     thresholds_for,
+    top_finding,
     worklist_order,
 )
 
@@ -90,6 +92,60 @@ def test_silent_mode_records_the_model_but_keeps_routine() -> None:
 
 def test_explain_without_known_findings() -> None:
     assert explain({"other": 0.9}, CARD) == "no finding scored"
+
+
+def test_top_finding_is_the_one_the_reason_names_first() -> None:
+    cfg = TriageConfig()
+    # Two findings above threshold: the larger margin wins, not the larger score.
+    d = decide([_scored(pneumonia=0.6, mass=0.55, covid19=0.2)], CARD, cfg)
+    assert (d.top_finding, d.top_score) == ("mass", 0.55)
+    assert d.priority_reason.startswith("urgent: mass 0.55")
+    # Nothing above threshold: the closest miss, as in the reason.
+    d = decide([_scored(pneumonia=0.2, mass=0.1, covid19=0.45)], CARD, cfg)
+    assert (d.top_finding, d.top_score, d.flagged_findings) == ("covid19", 0.45, None)
+    assert "closest: covid19 0.45" in d.priority_reason
+
+
+def test_top_finding_comes_from_the_instance_that_set_the_level() -> None:
+    outcomes = [
+        _scored(pneumonia=0.1, mass=0.29, covid19=0.1),  # closest miss, routine
+        _scored(pneumonia=0.5, mass=0.1, covid19=0.1),  # urgent: sets the level
+    ]
+    d = decide(outcomes, CARD, TriageConfig())
+    assert d.priority == Level.URGENT
+    assert (d.top_finding, d.top_score) == ("pneumonia", 0.5)
+
+
+def test_flagged_findings_is_the_union_over_instances_in_finding_order() -> None:
+    outcomes = [
+        _scored(pneumonia=0.1, mass=0.1, covid19=0.6),
+        InstanceOutcome("2", "failed", "x"),
+        _scored(pneumonia=0.5, mass=0.1, covid19=0.1),
+    ]
+    d = decide(outcomes, CARD, TriageConfig())
+    assert d.flagged_findings == ",pneumonia,covid19,"  # FINDING_NAMES order, not score order
+    # One portable LIKE finds a finding and never a longer name containing it.
+    assert ",covid19," in d.flagged_findings and ",mass," not in d.flagged_findings
+    assert flagged_findings(outcomes[1:2], CARD) is None
+    assert flagged_findings([_scored(pneumonia=0.41)], CARD) == ",pneumonia,"  # at the threshold is flagged
+
+
+def test_top_finding_without_known_findings() -> None:
+    assert top_finding({"other": 0.9}, CARD) is None
+    d = decide([_scored(other=0.9)], CARD, TriageConfig())
+    assert (d.state, d.top_finding, d.top_score, d.flagged_findings) == ("scored", None, None, None)
+
+
+def test_silent_mode_still_records_the_models_opinion() -> None:
+    d = decide([_scored(pneumonia=0.95, mass=0.4, covid19=0.1)], CARD, TriageConfig(silent_mode=True))
+    assert d.priority == Level.ROUTINE
+    assert (d.top_finding, d.top_score, d.flagged_findings) == ("pneumonia", 0.95, ",pneumonia,mass,")
+
+
+def test_failed_and_ineligible_have_no_top_finding() -> None:
+    for outcomes in ([InstanceOutcome("1", "ineligible", "lateral")], [InstanceOutcome("1", "failed", "x")], []):
+        d = decide(outcomes, CARD, TriageConfig())
+        assert (d.top_finding, d.top_score, d.flagged_findings) == (None, None, None)
 
 
 def test_escalation_after_the_cap_of_the_level() -> None:

@@ -125,7 +125,7 @@ def _read(inst: PendingInstance, settings: Settings, size: int) -> tuple[np.ndar
         return None, InstanceOutcome(uid, "failed", f"pixel data not decodable: {type(exc).__name__}")
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
+def _write_png(path: Path, pixels: np.ndarray) -> None:
     """Atomic: the worklist never shows half a PNG, a crash leaves at most a temp file."""
     from PIL import Image
 
@@ -133,7 +133,7 @@ def _write_png(path: Path, rgb: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(rgb).save(fh, format="PNG", compress_level=1)  # 224x224: speed over bytes
+            Image.fromarray(pixels).save(fh, format="PNG", compress_level=1)  # 224x224: speed over bytes
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -158,8 +158,13 @@ def model_thresholds(model: Any, settings: Settings) -> dict[str, float]:
 def run_pipeline(
     model: Any, work: StudyWork, settings: Settings, thresholds: dict[str, float]
 ) -> tuple[list[ResultRow], float]:
-    """Score every pending instance in batches; returns rows and the forward-pass seconds."""
-    from models.gradcam import overlay
+    """Score every pending instance in batches; returns rows and the forward-pass seconds.
+
+    Heatmaps are stored as RGBA PNGs of the map alone (``models.gradcam.colorize``), 224x224
+    like the model tensor, letterbox padding included: the viewer crops them with
+    ``models.gradcam.crop_letterbox`` and overlays them on its own rendering at any opacity.
+    """
+    from models.heatmap_image import colorize
 
     findings = list(model.card.findings)
     rows: list[ResultRow] = []
@@ -178,15 +183,14 @@ def run_pipeline(
         t0 = time.perf_counter()
         maps, probs = model.heatmaps(x, findings)  # one forward pass gives scores and every map
         forward_s += time.perf_counter() - t0
-        for i, (inst, tensor) in enumerate(chunk):
+        for i, (inst, _tensor) in enumerate(chunk):
             scores = {f: float(probs[i][j]) for j, f in enumerate(findings)}
             flags = flags_for(scores, thresholds)
             paths: dict[str, str] = {}
             for j, f in enumerate(findings):
                 if flags.get(f):
                     path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
-                    rgb = (overlay(tensor, maps[i, j]) * 255.0 + 0.5).astype(np.uint8)
-                    _write_png(path, rgb)
+                    _write_png(path, colorize(maps[i, j]))
                     paths[f] = str(path)
             outcome = InstanceOutcome(inst.sop_instance_uid, "scored", None, scores)
             rows.append(ResultRow(inst, outcome, flags, dict(thresholds), paths))

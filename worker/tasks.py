@@ -5,6 +5,9 @@ current message from a stale one: the study may have received new instances (and
 re-queued with a higher generation) since this message was published, or a message may have
 been delivered twice.  Stale messages are acknowledged and ignored.
 
+Each pool process also keeps a heartbeat row (worker/heartbeat.py), started and stopped by
+Celery's process signals, so the admin page can tell a live worker from a dead one.
+
 Exactly once: messages are acknowledged late and rejected (re-queued) when the worker
 process dies; a redelivery resumes a study still `processing` under its generation, and the
 results are keyed by (instance, model version), so it never writes twice.  Database and
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from typing import Any
@@ -24,7 +29,7 @@ from typing import Any
 import sqlalchemy.exc
 from celery import Celery, Task
 from celery.exceptions import Retry
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +39,7 @@ from db.session import make_engine, make_sessionmaker, session_scope
 from db.transitions import move_state
 from worker.celery_app import PROCESS_STUDY_TASK
 from worker.config import Settings
+from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
 from worker.scoring import decide_study, final_state, model_thresholds, pending_instances, run_pipeline, store_results
 from worker.triage import AI_UNAVAILABLE, Decision, Level
 
@@ -173,6 +179,9 @@ def score_claimed(
                 "priority_reason": decision.priority_reason,
                 "ai_state": decision.ai_state,
                 "model_ref": model.ref,
+                "top_finding": decision.top_finding,
+                "top_score": decision.top_score,
+                "flagged_findings": decision.flagged_findings,
             },
         )
     return Outcome(state, decision, applied)
@@ -193,22 +202,68 @@ def fail_claimed(factory: sessionmaker[Session], study_id: int, generation: int,
                 "ai_priority": Level.ROUTINE,
                 "priority_reason": f"{AI_UNAVAILABLE} ({reason})",
                 "ai_state": AI_UNAVAILABLE,
+                # A re-queued study may carry an earlier generation's opinion: it no longer holds.
+                "top_finding": None,
+                "top_score": None,
+                "flagged_findings": None,
             },
         )
 
 
+@dataclass
+class PoolProcess:
+    """What one pool process keeps between tasks; each prefork child gets its own copy at fork."""
+
+    counter: TaskCounter = field(default_factory=TaskCounter)
+    heartbeat: HeartbeatThread | None = None
+
+
+def pool_identity(app: Celery, model_ref: str | None) -> WorkerIdentity:
+    """This pool process as its heartbeat row names it: ``host:pid``, the queues it consumes."""
+    hostname, pid = socket.gethostname(), os.getpid()
+    queues = ",".join(app.amqp.queues.consume_from)  # narrowed to the worker's -Q before the fork
+    return WorkerIdentity(f"{hostname}:{pid}", hostname, pid, queues, model_ref)
+
+
+def _load_model(settings: Settings) -> str | None:
+    """The model's ref, or None when it cannot be loaded (the task then reports it per study)."""
+    try:
+        return str(scoring_model(settings).ref)
+    except Exception:  # the worker must start; each study will fail with the reason
+        log.exception("could not load the scoring model")
+        return None
+
+
+def _start_heartbeat(
+    app: Celery, settings: Settings, model_ref: str | None, counter: TaskCounter
+) -> HeartbeatThread | None:
+    """The pool process's heartbeat thread, or None: without a heartbeat the worker still scores."""
+    interval_s = settings.worker.heartbeat_interval_s
+    try:
+        thread = HeartbeatThread(_factory(settings.database.url), pool_identity(app, model_ref), interval_s, counter)
+        thread.start()
+    except Exception:
+        log.exception("could not start the worker heartbeat")
+        return None
+    return thread
+
+
 def register_tasks(app: Celery, settings: Settings) -> Task:
-    """Register process_study on `app` and the per-process model load; returns the task object."""
+    """Register process_study on `app`, the per-process model load and heartbeat; returns the task object."""
     url = settings.database.url
     cfg = settings.worker
+    process = PoolProcess()
 
     @worker_process_init.connect(weak=False)
-    def _load_model(**_kwargs: Any) -> None:
-        # Each prefork child loads the model once, before its first task, not per task.
-        try:
-            scoring_model(settings)
-        except Exception:  # the task will report the error per study; the worker must start
-            log.exception("could not load the scoring model")
+    def _init_pool_process(**_kwargs: Any) -> None:
+        # Each prefork child loads the model once, before its first task, not per task; its
+        # heartbeat starts after, so the row names the model it really serves.
+        process.heartbeat = _start_heartbeat(app, settings, _load_model(settings), process.counter)
+
+    @worker_process_shutdown.connect(weak=False)
+    def _stop_heartbeat(**_kwargs: Any) -> None:
+        if process.heartbeat is not None:
+            process.heartbeat.stop()
 
     @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def process_study(self: Task, study_uid: str, generation: int) -> str:
@@ -239,12 +294,14 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
                 raise
             log.error("study %s generation %s: scoring failed: %s", study_uid, generation, type(exc).__name__)
             fail_claimed(factory, claimed.study_id, int(generation), f"AI error: {type(exc).__name__}: {exc}")
+            process.counter.add()
             return StudyState.FAILED.value
         log.info(
             "study %s generation %s: %s (%s)%s",
             study_uid, generation, outcome.state.value, outcome.decision.priority_reason,
             "" if outcome.applied else " (superseded)",
         )  # fmt: skip
+        process.counter.add()  # the heartbeat thread writes it; no DB write on this path
         return outcome.state.value
 
     return process_study

@@ -11,7 +11,8 @@ model's opinion (``ai_priority``) but stores ROUTINE as the priority, so the ord
 time until a site has checked the model on its own data.
 
 Issue 6's worklist calls ``worklist_order(settings.triage, now)`` (SQLAlchemy ORDER BY
-clauses) or, for lists already in memory, ``sort_key``/``effective_priority``.
+clauses) or, for lists already in memory, ``sort_key``/``effective_priority``; it shows the
+study's ``top_finding`` and filters on ``flagged_findings`` (see ``Decision``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, case, func
 
 from db.models import Study
+from models.findings import FINDING_INDEX
 from worker.config import TriageConfig
 
 AI_UNAVAILABLE = "AI unavailable – read as usual"
@@ -48,7 +50,12 @@ class InstanceOutcome:
 
 @dataclass(frozen=True)
 class Decision:
-    """Everything the worker stores on the study once it is final."""
+    """Everything the worker stores on the study once it is final.
+
+    ``top_finding``/``top_score`` and ``flagged_findings`` let the worklist show and filter by
+    finding without reading every instance result; they are the model's opinion, so they are
+    recorded in silent mode too, and are None when nothing was scored (failed, ineligible).
+    """
 
     state: str  # "scored" | "ineligible" | "failed"
     reason: str | None  # state reason (why ineligible / failed)
@@ -56,6 +63,14 @@ class Decision:
     ai_priority: int  # what the model alone says (== priority unless silent)
     priority_reason: str
     ai_state: str | None  # AI_UNAVAILABLE when nothing could be scored
+    # The finding `explain` names first for the instance that set the level: furthest above its
+    # threshold, else the closest miss.
+    top_finding: str | None = None
+    top_score: float | None = None
+    # ",pneumonia,covid19,": every finding at or above threshold on any scored instance, in
+    # FINDING_NAMES order, comma-delimited on both sides so `LIKE '%,mass,%'` matches exactly
+    # one finding on SQLite and PostgreSQL.  None when nothing is flagged (never ",").
+    flagged_findings: str | None = None
 
 
 def thresholds_for(card_thresholds: Mapping[str, float], cfg: TriageConfig) -> dict[str, float]:
@@ -83,16 +98,47 @@ def _fmt(finding: str, score: float, op: str, threshold: float) -> str:
     return f"{finding} {score:.2f} {op} {threshold:.2f}"
 
 
+def _known(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> list[tuple[str, float, float]]:
+    return [(f, s, thresholds[f]) for f, s in scores.items() if f in thresholds]
+
+
+def _shortfall(x: tuple[str, float, float]) -> float:
+    # threshold - score: the one ordering `explain` and `top_finding` share, so they agree on ties.
+    return x[2] - x[1]
+
+
 def explain(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> str:
     """The reason in words: every finding at or above threshold, highest margin first, else the closest miss."""
-    known = [(f, s, thresholds[f]) for f, s in scores.items() if f in thresholds]
-    above = sorted((x for x in known if x[1] >= x[2]), key=lambda x: x[2] - x[1])
+    known = _known(scores, thresholds)
+    above = sorted((x for x in known if x[1] >= x[2]), key=_shortfall)
     if above:
         return ", ".join(_fmt(f, s, "≥", t) for f, s, t in above)
     if not known:
         return "no finding scored"
-    f, s, t = min(known, key=lambda x: x[2] - x[1])
+    f, s, t = min(known, key=_shortfall)
     return f"no finding above threshold (closest: {_fmt(f, s, '<', t)})"
+
+
+def top_finding(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> tuple[str, float] | None:
+    """(finding, score) that `explain` names first, so the worklist column and the reason agree."""
+    known = _known(scores, thresholds)
+    if not known:
+        return None
+    f, s, _ = min(known, key=_shortfall)
+    return f, s
+
+
+def flagged_findings(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float]) -> str | None:
+    """``,f1,f2,`` over every scored instance (a finding on any film counts); None when none is flagged.
+
+    Findings come in FINDING_NAMES order (unknown names of a foreign model last, by name), so
+    the same set always gives the same string.
+    """
+    flagged = {f for o in outcomes if o.outcome == "scored" for f, on in flags_for(o.scores, thresholds).items() if on}
+    if not flagged:
+        return None
+    ordered = sorted(flagged, key=lambda f: (FINDING_INDEX.get(f, len(FINDING_INDEX)), f))
+    return f",{','.join(ordered)},"
 
 
 def decide(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float], cfg: TriageConfig) -> Decision:
@@ -112,9 +158,14 @@ def decide(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float],
     best = min(scored, key=lambda o: (instance_level(o.scores, thresholds, cfg), -_margin(o.scores, thresholds)))
     level = instance_level(best.scores, thresholds, cfg)
     words = f"{level.name.lower()}: {explain(best.scores, thresholds)}"
-    if cfg.silent_mode:
-        return Decision("scored", None, Level.ROUTINE, level, f"silent mode, model says {words}", None)
-    return Decision("scored", None, level, level, words, None)
+    top_name, top_score = top_finding(best.scores, thresholds) or (None, None)
+    flagged = flagged_findings(scored, thresholds)
+    # Silent mode stores ROUTINE as the priority but still records the model's opinion.
+    priority, reason = (Level.ROUTINE, f"silent mode, model says {words}") if cfg.silent_mode else (level, words)
+    return Decision(
+        "scored", None, priority, level, reason, None,
+        top_finding=top_name, top_score=top_score, flagged_findings=flagged,
+    )  # fmt: skip
 
 
 def _margin(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> float:
@@ -157,3 +208,25 @@ def effective_priority_sql(now: datetime, cfg: TriageConfig) -> ColumnElement[An
 def worklist_order(cfg: TriageConfig, now: datetime) -> list[ColumnElement[Any]]:
     """ORDER BY clauses for the worklist: ``select(Study).order_by(*worklist_order(settings.triage, now))``."""
     return [effective_priority_sql(now, cfg), Study.received_at.asc(), Study.id.asc()]
+
+
+def priority_segments(cfg: TriageConfig, now: datetime) -> list[tuple[int, ColumnElement[bool]]]:
+    """The worklist order as index ranges: (effective level, condition on Study) pairs.
+
+    Each condition is a range of the index (priority, received_at) whose rows all share one
+    effective level, so a page is read as a few index range scans merged by (level,
+    received_at) instead of sorting the table on ``effective_priority_sql``.  The pairs
+    partition every study exactly once (NULL priority counts as ROUTINE); tests check the
+    order they give equals ``sort_key``.
+    """
+    segments: list[tuple[int, ColumnElement[bool]]] = []
+    for stored in (Level.CRITICAL, Level.URGENT, Level.ROUTINE, None):
+        level = Level.ROUTINE if stored is None else stored
+        cond = Study.priority.is_(None) if stored is None else Study.priority == int(stored)
+        cap = _cap(cfg, level)
+        if cap is None or level == Level.CRITICAL:
+            segments.append((int(level), cond))
+            continue
+        segments.append((int(level) - 1, and_(cond, Study.received_at < now - cap)))
+        segments.append((int(level), and_(cond, Study.received_at >= now - cap)))
+    return segments

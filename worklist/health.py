@@ -10,11 +10,11 @@ import concurrent.futures
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import WorkerHeartbeat
 from worker.config import Settings
+from worker.heartbeat import read_heartbeats
 
 CHECK_TIMEOUT_S = 3.0
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
@@ -44,19 +44,19 @@ def _broker(settings: Settings) -> dict[str, Any]:
 
 
 def workers(session: Session, now: datetime, stale_after_s: float) -> list[dict[str, Any]]:
+    """Heartbeat rows as plain JSON-ready data (``worker.heartbeat.read_heartbeats``)."""
     out = []
-    for hb in session.scalars(select(WorkerHeartbeat).order_by(WorkerHeartbeat.name)):
-        age = (now - hb.last_seen_at).total_seconds()
+    for hb in read_heartbeats(session, now, stale_after_s):
         out.append(
             {
-                "name": hb.name,
-                "queues": hb.queues.split(",") if hb.queues else [],
-                "model": hb.model_ref,
-                "started_at": hb.started_at.isoformat(),
-                "last_seen_at": hb.last_seen_at.isoformat(),
-                "age_s": round(age, 1),
-                "alive": age <= stale_after_s,
-                "tasks_done": hb.tasks_done,
+                "name": hb["name"],
+                "queues": hb["queues"].split(",") if hb["queues"] else [],
+                "model": hb["model_ref"],
+                "started_at": hb["started_at"].isoformat(),
+                "last_seen_at": hb["last_seen_at"].isoformat(),
+                "age_s": round(hb["age_s"], 1),
+                "alive": hb["alive"],
+                "tasks_done": hb["tasks_done"],
             }
         )
     return out
