@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -135,9 +136,20 @@ class Study(Base):
     __table_args__ = (
         Index("ix_study_state_last_instance", "state", "last_instance_at"),
         # The worklist reads each priority level as a range of this index (worklist/queries.py).
+        # No index on received_at alone (migration 0004): arrival order is physical order, so
+        # the planner would walk it and filter on priority instead of reading these ranges.
         Index("ix_study_priority_received", "priority", "received_at", "id"),
-        Index("ix_study_received_at", "received_at"),
-        Index("ix_study_read_state", "read_state", "received_at"),
+        # The same ranges within one read state (the "unread" view) and among flagged studies
+        # (the finding filter: `flagged_findings LIKE ...` implies IS NOT NULL).
+        Index("ix_study_read_state_priority", "read_state", "priority", "received_at", "id"),
+        Index(
+            "ix_study_flagged_priority",
+            "priority",
+            "received_at",
+            "id",
+            postgresql_where=text("flagged_findings IS NOT NULL"),
+            sqlite_where=text("flagged_findings IS NOT NULL"),
+        ),
         Index("ix_study_calling_ae", "calling_ae", "received_at"),
         Index("ix_study_study_date", "study_date"),
     )

@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import ColumnElement, func, literal, or_, select, union_all
+from sqlalchemy import ColumnElement, Select, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
 from db.models import InstanceResult, ReadState, Series, StateTransition, Study, StudyState
@@ -108,12 +108,15 @@ class OrderedIds:
     total: int
 
 
-def ordered_ids(session: Session, q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size: int) -> OrderedIds:
-    """The study ids of one page in worklist order, and how many studies match in all."""
+def page_statement(q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size: int) -> Select[Any] | None:
+    """The SELECT of one page's (id, effective level) in worklist order; None when no level is asked for.
+
+    Built without executing, so bench/worklist can EXPLAIN exactly what ``ordered_ids`` runs.
+    """
     where = _filters(q)
     segments = [(lv, cond) for lv, cond in priority_segments(cfg, now) if lv in q.levels()]
     if not segments:
-        return OrderedIds([], {}, 0)
+        return None
     offset = (q.page - 1) * page_size
     branches = []
     for level, cond in segments:
@@ -126,16 +129,32 @@ def ordered_ids(session: Session, q: WorklistQuery, cfg: TriageConfig, now: date
         )
         branches.append(select(inner.c.id, inner.c.eff, inner.c.received_at))
     merged = union_all(*branches).subquery()
-    rows = session.execute(
+    return (
         select(merged.c.id, merged.c.eff)
         .order_by(merged.c.eff, merged.c.received_at, merged.c.id)
         .offset(offset)
         .limit(page_size)
-    ).all()
-    total_where = (
-        [*where] if len(segments) == len(priority_segments(cfg, now)) else [or_(*(c for _, c in segments)), *where]
     )
-    total = session.scalar(select(func.count()).select_from(Study).where(*total_where)) or 0
+
+
+def total_statement(q: WorklistQuery, cfg: TriageConfig, now: datetime) -> Select[Any] | None:
+    """The SELECT count(*) of every study matching the filters (all pages); None when no level is asked for."""
+    where = _filters(q)
+    all_segments = priority_segments(cfg, now)
+    segments = [(lv, cond) for lv, cond in all_segments if lv in q.levels()]
+    if not segments:
+        return None
+    total_where = [*where] if len(segments) == len(all_segments) else [or_(*(c for _, c in segments)), *where]
+    return select(func.count()).select_from(Study).where(*total_where)
+
+
+def ordered_ids(session: Session, q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size: int) -> OrderedIds:
+    """The study ids of one page in worklist order, and how many studies match in all."""
+    stmt, count = page_statement(q, cfg, now, page_size), total_statement(q, cfg, now)
+    if stmt is None or count is None:
+        return OrderedIds([], {}, 0)
+    rows = session.execute(stmt).all()
+    total = session.scalar(count) or 0
     return OrderedIds([int(r[0]) for r in rows], {int(r[0]): int(r[1]) for r in rows}, int(total))
 
 
