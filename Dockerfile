@@ -8,6 +8,7 @@ COPY db db
 COPY worker worker
 COPY models models
 COPY training training
+COPY worklist worklist
 RUN pip install --no-cache-dir '.[ml]'
 ENV XRAY_TRIAGE_VAR=/var/lib/xray-triage
 VOLUME /var/lib/xray-triage

@@ -46,7 +46,7 @@ def test_help_on_every_command(command, capsys):
 
 def test_mandatory_commands_exist():
     names = {" ".join(c) for c in _commands()}
-    assert {"listen", "worker", "run", "db upgrade", "config check", "status"} <= names
+    assert {"listen", "worker", "run", "web", "user add", "db upgrade", "config check", "status"} <= names
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -104,9 +104,60 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
         port = settings.listener.port
         assert re.search(rf"AE title XRAY_TRIAGE at 127\.0\.0\.1:{port}", line), line
         wait_for(lambda: echoscu(port).returncode == 0, timeout=60, what="the listener started by run")
+        web = f"http://127.0.0.1:{settings.web.port}"
+        assert f"Worklist: {web}/" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
+        health = wait_for(lambda: _get(f"{web}/healthz"), timeout=120, what="the web app started by run")
+        assert set(json.loads(health)["checks"]) == {"database", "broker", "workers"}
     finally:
         # Ctrl-C in a terminal reaches the whole process group.
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0
     assert echoscu(settings.listener.port).returncode != 0  # the listener child is gone too
+    assert _get(f"http://127.0.0.1:{settings.web.port}/healthz") is None  # and the web app
+
+
+def _get(url: str) -> str | None:
+    """The body of a GET, whatever its status; None while nothing listens."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError as exc:  # /healthz answers 503 until a worker has reported
+        return exc.read().decode()
+    except OSError:
+        return None
+
+
+def _user_add(config, *args: str, password: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "--config", str(config), "user", "add", *args, "--password-stdin"], cwd=REPO, input=password + "\n",
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+
+
+def test_user_add_stores_an_argon2_hash_and_refuses_bad_input(sqlite_backend, tmp_path):
+    from sqlalchemy import select
+
+    from db.models import Role, User
+    from db.session import make_engine, make_sessionmaker, upgrade
+
+    settings = sqlite_backend.settings(tmp_path)
+    upgrade(settings.database.url)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    ok = _user_add(config, "dr.house", "--role", "admin", password="a long enough secret")
+    assert ok.returncode == 0 and "added with role admin" in ok.stdout
+    assert "a long enough secret" not in ok.stdout + ok.stderr
+    short = _user_add(config, "dr.who", password="short")
+    assert short.returncode == 2 and "at least 10 characters" in short.stderr
+    taken = _user_add(config, "dr.house", password="another long secret")
+    assert taken.returncode == 2 and "already exists" in taken.stderr
+    hostile = _user_add(config, "x' OR 1=1 --", password="a long enough secret")
+    assert hostile.returncode == 2 and "user name must be" in hostile.stderr
+    with make_sessionmaker(make_engine(settings.database.url))() as session:
+        users = session.scalars(select(User)).all()
+    assert [(u.username, u.role) for u in users] == [("dr.house", Role.ADMIN)]
+    assert users[0].password_hash.startswith("$argon2id$") and "a long enough secret" not in users[0].password_hash

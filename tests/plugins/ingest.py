@@ -197,6 +197,7 @@ class Backend:
             "broker": {"url": self.broker_url},
             "queues": {"urgent": self.urgent, "routine": self.routine},
             "handoff": {"stability_window_s": 0.5, "poll_interval_s": 0.1},
+            "web": {"port": free_port()},
             "log_level": "INFO",
         }
         for name, values in sections.items():
