@@ -9,9 +9,9 @@ annotations`` here: FastAPI must see the real dependency types of the aliases de
 ``create_app`` (string annotations cannot be resolved in that closure).
 """
 
-
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -42,8 +42,18 @@ log = logging.getLogger("xray_triage.web")
 HERE = Path(__file__).resolve().parent
 SESSION_COOKIE = "xt_session"
 API_PREFIXES = ("/api/", "/healthz")
+AE_TITLES_TTL_S = 60.0
 # Pages may load only our own scripts, styles and images (data: for analysed uploads).
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+# FastAPI's /docs and /redoc pages load Swagger UI / ReDoc from a CDN and start them with an
+# inline script: under CSP above the browser would block both and show a blank page.
+DOCS_PATHS = ("/docs", "/redoc")
+DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
+    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
+    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
+    "font-src 'self' https://fonts.gstatic.com; worker-src 'self' blob:; frame-ancestors 'none'"
+)
 
 
 class NotLoggedIn(Exception):
@@ -99,7 +109,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
         response: Response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
+        docs = request.url.path.startswith(DOCS_PATHS)
+        response.headers.setdefault("Content-Security-Policy", DOCS_CSP if docs else CSP)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         if "cache-control" not in response.headers:
@@ -283,10 +294,14 @@ def create_app(settings: Settings) -> FastAPI:
     def _worklist(session: Session, q: queries.WorklistQuery) -> queries.Page:
         return queries.worklist_page(session, q, settings.triage, web, utcnow())
 
+    ae_cache: dict[str, Any] = {"at": 0.0, "titles": []}
+
     def _ae_titles(session: Session) -> list[str]:
-        return [
-            str(a) for a in session.scalars(select(distinct(Study.calling_ae)).order_by(Study.calling_ae).limit(200))
-        ]
+        """Source AE titles for the filter; re-read once a minute, not per page (DISTINCT reads the table)."""
+        if time.monotonic() - ae_cache["at"] > AE_TITLES_TTL_S:
+            stmt = select(distinct(Study.calling_ae)).order_by(Study.calling_ae).limit(200)
+            ae_cache.update(at=time.monotonic(), titles=[str(a) for a in session.scalars(stmt)])
+        return list(ae_cache["titles"])
 
     @app.get("/worklist", response_class=HTMLResponse, include_in_schema=False)
     def worklist_page(request: Request, session: Db, user: User, q: WorklistParams) -> HTMLResponse:
