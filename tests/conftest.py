@@ -17,7 +17,14 @@ SHARED_DATA = Path(os.environ.get("XRAY_TRIAGE_SHARED_DATA", REPO.parent / "shar
 
 pytest_plugins = [
     p
-    for p in ("tests.plugins.ingest", "tests.plugins.pixels", "tests.plugins.training", "tests.plugins.scoring")
+    for p in (
+        "tests.plugins.ingest",
+        "tests.plugins.pixels",
+        "tests.plugins.training",
+        "tests.plugins.scoring",
+        "tests.plugins.worklist",
+        "tests.plugins.worklist_browser",
+    )
     if (REPO / (p.replace(".", "/") + ".py")).exists()
 ]
 

@@ -19,14 +19,16 @@ from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
-from sqlalchemy import distinct, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
+from swagger_ui_bundle import swagger_ui_path
 
 from db.models import ReadState, Study, utcnow
 from db.session import make_engine, make_sessionmaker
@@ -45,14 +47,14 @@ API_PREFIXES = ("/api/", "/healthz")
 AE_TITLES_TTL_S = 60.0
 # Pages may load only our own scripts, styles and images (data: for analysed uploads).
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
-# FastAPI's /docs and /redoc pages load Swagger UI / ReDoc from a CDN and start them with an
-# inline script: under CSP above the browser would block both and show a blank page.
-DOCS_PATHS = ("/docs", "/redoc")
+# /docs is Swagger UI served from the swagger-ui-bundle package (hospital networks have no
+# internet, so nothing comes from a CDN); FastAPI starts it with an inline script, which only
+# that page may run.
+DOCS_PATHS = ("/docs",)
+DOCS_ASSETS = "/docs-assets"
 DOCS_CSP = (
-    "default-src 'self'; script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly; "
-    "font-src 'self' https://fonts.gstatic.com; worker-src 'self' blob:; frame-ancestors 'none'"
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
 )
 
 
@@ -87,6 +89,8 @@ def create_app(settings: Settings) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(disclaimer=DISCLAIMER, findings=FINDINGS, refresh_s=web.refresh_s)
     app = FastAPI(
+        docs_url=None,
+        redoc_url=None,
         title="xray-triage worklist API",
         version="1",
         description=f"Chest X-ray triage worklist. {DISCLAIMER} Log in with POST /api/login; "
@@ -105,6 +109,17 @@ def create_app(settings: Settings) -> FastAPI:
         https_only=web.cookie_secure,
     )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=app.title,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+        )
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
@@ -187,7 +202,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
-        if _is_api(request) or request.url.path.startswith(("/static", "/docs", "/openapi")):
+        if _is_api(request) or request.url.path.startswith(("/static", DOCS_ASSETS, "/docs", "/openapi")):
             return JSONResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code)
         return page(request, "error.html", exc.status_code, message=exc.detail, status=exc.status_code)
 
@@ -299,7 +314,7 @@ def create_app(settings: Settings) -> FastAPI:
     def _ae_titles(session: Session) -> list[str]:
         """Source AE titles for the filter; re-read once a minute, not per page (DISTINCT reads the table)."""
         if time.monotonic() - ae_cache["at"] > AE_TITLES_TTL_S:
-            stmt = select(distinct(Study.calling_ae)).order_by(Study.calling_ae).limit(200)
+            stmt = select(Study.calling_ae).distinct().order_by(Study.calling_ae).limit(200)
             ae_cache.update(at=time.monotonic(), titles=[str(a) for a in session.scalars(stmt)])
         return list(ae_cache["titles"])
 

@@ -58,6 +58,16 @@ class WorklistQuery(BaseModel):
     page: Annotated[int, Field(ge=1, le=100_000)] = 1
     page_size: Annotated[int | None, Field(ge=1, le=MAX_PAGE_SIZE)] = None
 
+    @field_validator("date_from", "date_to", mode="before")
+    @classmethod
+    def _dicom_date(cls, v: Any) -> Any:
+        """Accept DICOM's YYYYMMDD as well as ISO YYYY-MM-DD (never a Unix timestamp)."""
+        if isinstance(v, str) and len(v) == 8 and v.isdigit():
+            return f"{v[:4]}-{v[4:6]}-{v[6:]}"
+        if isinstance(v, str) and v.isdigit():
+            raise ValueError("use YYYY-MM-DD or YYYYMMDD")
+        return v
+
     @field_validator("finding")
     @classmethod
     def _known_findings(cls, v: list[str]) -> list[str]:
@@ -65,6 +75,12 @@ class WorklistQuery(BaseModel):
         if unknown:
             raise ValueError(f"unknown finding {unknown}; choose from {list(FINDING_NAMES)}")
         return v
+
+    @field_validator("date_from", "date_to", mode="before")
+    @classmethod
+    def _empty_date(cls, v: Any) -> Any:
+        # The filter form submits its empty date inputs as "date_from=&date_to=": no date, not a 400.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("calling_ae")
     @classmethod
@@ -76,8 +92,8 @@ class WorklistQuery(BaseModel):
         return {int(Level[p.name]) for p in self.priority} or {int(lv) for lv in Level}
 
     def as_params(self) -> list[tuple[str, str]]:
-        """Query-string pairs of the filters (for links that keep them), without paging."""
-        data = self.model_dump(mode="json", exclude={"page", "page_size"}, exclude_defaults=True)
+        """Query-string pairs of the filters and page size (for links that keep them), without the page."""
+        data = self.model_dump(mode="json", exclude={"page"}, exclude_defaults=True)
         return [(k, str(v)) for k, vs in data.items() for v in (vs if isinstance(vs, list) else [vs])]
 
 
