@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from worker.config import ConfigError, Settings, effective_config, load_settings
 
@@ -102,40 +103,40 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
-def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
+def _with_user_session(settings: Settings, action: Callable[[Any], None]) -> int:
+    """Run `action(session)` in one transaction; a ValueError is the operator's mistake (exit 2)."""
     from db.session import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(settings.database.url, hide_parameters=True)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            action(session)
+    except ValueError as exc:
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
     from worklist.users import add_user
 
     password = _read_password(args)
-    engine = make_engine(settings.database.url, hide_parameters=True)
-    try:
-        with session_scope(make_sessionmaker(engine)) as session:
-            add_user(session, args.username, password, args.role)
-    except ValueError as exc:
-        print(f"xray-triage: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        engine.dispose()
-    print(f"user {args.username} added with role {args.role}")
-    return 0
+    code = _with_user_session(settings, lambda session: add_user(session, args.username, password, args.role))
+    if code == 0:
+        print(f"user {args.username} added with role {args.role}")
+    return code
 
 
 def cmd_user_password(settings: Settings, args: argparse.Namespace) -> int:
-    from db.session import make_engine, make_sessionmaker, session_scope
     from worklist.users import set_password
 
     password = _read_password(args)
-    engine = make_engine(settings.database.url, hide_parameters=True)
-    try:
-        with session_scope(make_sessionmaker(engine)) as session:
-            set_password(session, args.username, password)
-    except ValueError as exc:
-        print(f"xray-triage: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    finally:
-        engine.dispose()
-    print(f"password of {args.username} changed")
-    return 0
+    code = _with_user_session(settings, lambda session: set_password(session, args.username, password))
+    if code == 0:
+        print(f"password of {args.username} changed")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

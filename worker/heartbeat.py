@@ -20,20 +20,14 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import WorkerHeartbeat, utcnow
-from db.session import session_scope
+from db.session import dialect_insert, session_scope
 
 log = logging.getLogger("xray_triage.heartbeat")
 
 _COLUMNS = ("name", "hostname", "pid", "queues", "model_ref", "started_at", "last_seen_at", "tasks_done")
-
-
-def _upsert(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql if dialect == "postgresql" else sqlite).insert(WorkerHeartbeat)
 
 
 def beat(
@@ -56,7 +50,7 @@ def beat(
     not inherit its start time or its count.  The caller commits.
     """
     queue_list = queues if isinstance(queues, str) else ",".join(queues)
-    stmt = _upsert(session).values(
+    stmt = dialect_insert(session, WorkerHeartbeat).values(
         name=name,
         hostname=hostname,
         pid=pid,

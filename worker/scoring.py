@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.models import Instance, InstanceResult, Series, Study, StudyState
+from db.session import dialect_insert
 from worker.config import Settings
 from worker.triage import Decision, InstanceOutcome, decide, flags_for, thresholds_for
 
@@ -200,11 +200,6 @@ def run_pipeline(
 # --------------------------------------------------------------------------- storing
 
 
-def _insert_ignore(session: Session) -> Any:
-    dialect = session.get_bind().dialect.name
-    return (postgresql if dialect == "postgresql" else sqlite).insert(InstanceResult)
-
-
 def store_results(
     session: Session,
     work: StudyWork,
@@ -236,7 +231,11 @@ def store_results(
         }
         for r in rows
     ]
-    stmt = _insert_ignore(session).values(values).on_conflict_do_nothing(index_elements=["instance_id", "model_ref"])
+    stmt = (
+        dialect_insert(session, InstanceResult)
+        .values(values)
+        .on_conflict_do_nothing(index_elements=["instance_id", "model_ref"])
+    )
     session.execute(stmt)
 
 
