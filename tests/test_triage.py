@@ -24,6 +24,7 @@ from worker.triage import (
     explain,
     flagged_findings,
     sort_key,
+    steering_findings,
     thresholds_for,
     top_finding,
     worklist_order,
@@ -217,3 +218,44 @@ def test_routing_by_calling_ae_and_requested_priority() -> None:
     assert queue_for("STAT", queues, "WARD_CR") == "u"
     assert queue_for("ROUTINE", queues, "WARD_CR") == "r"
     assert queue_for(None, queues) == "r"
+
+
+# --------------------------------------------------------------------------- steering
+
+
+def test_a_finding_with_a_useless_operating_point_does_not_steer() -> None:
+    cfg = TriageConfig()
+    # The shipped model's validation specificities at its thresholds: mass flags 92 % of normals.
+    spec = {"pneumonia": 0.93, "mass": 0.08, "covid19": 0.99}
+    assert steering_findings(spec, cfg) == {"pneumonia", "covid19"}
+    assert steering_findings({**spec, "covid19": None}, cfg) == {"pneumonia", "covid19"}  # unknown: steers
+    # A site that set its own mass threshold chose its operating point: mass steers again.
+    site = TriageConfig(thresholds={"mass": 0.5})
+    assert steering_findings(spec, site) == {"pneumonia", "mass", "covid19"}
+    assert steering_findings(spec, TriageConfig(min_steering_specificity=0.0)) == set(spec)
+
+
+def test_informational_findings_are_flagged_and_named_but_leave_the_level() -> None:
+    cfg = TriageConfig()
+    thresholds = {"pneumonia": 0.54, "mass": 0.13, "covid19": 0.30}
+    only_mass = InstanceOutcome("1.1", "scored", scores={"pneumonia": 0.10, "mass": 0.40, "covid19": 0.01})
+    d = decide([only_mass], thresholds, cfg, steering={"pneumonia", "covid19"})
+    assert (d.priority, d.ai_priority) == (Level.ROUTINE, Level.ROUTINE)
+    assert d.flagged_findings == ",mass,"  # still filterable on the worklist
+    assert d.top_finding == "covid19"  # the closest steering miss (0.29 short), not mass
+    assert "informational, not steering: mass 0.40 ≥ 0.13" in d.priority_reason
+    assert decide([only_mass], thresholds, cfg).priority == Level.URGENT  # default: every finding steers
+    both = InstanceOutcome("1.2", "scored", scores={"pneumonia": 0.70, "mass": 0.40, "covid19": 0.01})
+    d = decide([both], thresholds, cfg, steering={"pneumonia", "covid19"})
+    assert d.priority == Level.URGENT and d.top_finding == "pneumonia"
+    assert d.priority_reason.startswith("urgent: pneumonia 0.70 ≥ 0.54; informational")
+
+
+def test_the_shipped_card_keeps_mass_informational() -> None:
+    from models.card import ModelCard
+    from models.registry import DEFAULT_MODEL_DIR
+    from worker.scoring import card_specificity
+
+    spec = card_specificity(ModelCard.load(DEFAULT_MODEL_DIR / "card.json"))
+    assert set(spec) == {"pneumonia", "mass", "covid19"} and all(v is not None for v in spec.values())
+    assert steering_findings(spec, TriageConfig()) == {"pneumonia", "covid19"}

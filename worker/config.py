@@ -183,6 +183,12 @@ class TriageConfig(_Section):
     critical_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: {"pneumonia": 0.9, "covid19": 0.9}
     )
+    # A finding raises the priority only if the model card's validation specificity at its
+    # operating threshold reaches this: a finding that flags most normal films (e.g. mass at
+    # specificity 0.08) would make every study urgent and the order meaningless.  Such a
+    # finding is still scored, flagged, shown and filterable; a site threshold for it in
+    # `thresholds` (checked on its own data) makes it steer again.
+    min_steering_specificity: Annotated[float, Field(ge=0, le=1)] = 0.5
     # A study waiting longer than this (minutes since its first instance) rises one level.
     escalate_after_min: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: {"routine": 240.0, "urgent": 60.0}

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from db.models import Instance, InstanceResult, Series, Study, StudyState
 from db.session import dialect_insert
 from worker.config import Settings
-from worker.triage import Decision, InstanceOutcome, decide, flags_for, thresholds_for
+from worker.triage import Decision, InstanceOutcome, decide, flags_for, steering_findings, thresholds_for
 
 log = logging.getLogger("xray_triage.scoring")
 
@@ -155,6 +155,21 @@ def model_thresholds(model: Any, settings: Settings) -> dict[str, float]:
     return thresholds_for({f: model.threshold(f) for f in model.card.findings}, settings.triage)
 
 
+def card_specificity(card: Any) -> dict[str, float | None]:
+    """Validation specificity at each finding's operating threshold, from the model card."""
+    overall = (card.validation_metrics or {}).get("overall", {})
+    out: dict[str, float | None] = {}
+    for f in card.findings:
+        spec = ((overall.get(f) or {}).get("operating_point") or {}).get("specificity")
+        out[f] = float(spec) if spec is not None else None
+    return out
+
+
+def model_steering(model: Any, settings: Settings) -> frozenset[str]:
+    """Findings of this model allowed to raise priority at this site."""
+    return steering_findings(card_specificity(model.card), settings.triage)
+
+
 def run_pipeline(
     model: Any, work: StudyWork, settings: Settings, thresholds: dict[str, float]
 ) -> tuple[list[ResultRow], float]:
@@ -239,8 +254,14 @@ def store_results(
     session.execute(stmt)
 
 
-def decide_study(work: StudyWork, rows: list[ResultRow], thresholds: dict[str, float], settings: Settings) -> Decision:
-    return decide([*work.done, *(r.outcome for r in rows)], thresholds, settings.triage)
+def decide_study(
+    work: StudyWork,
+    rows: list[ResultRow],
+    thresholds: dict[str, float],
+    settings: Settings,
+    steering: frozenset[str] | None = None,
+) -> Decision:
+    return decide([*work.done, *(r.outcome for r in rows)], thresholds, settings.triage, steering)
 
 
 def final_state(decision: Decision) -> StudyState:

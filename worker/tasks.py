@@ -40,7 +40,15 @@ from db.transitions import move_state
 from worker.celery_app import PROCESS_STUDY_TASK
 from worker.config import Settings
 from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
-from worker.scoring import decide_study, final_state, model_thresholds, pending_instances, run_pipeline, store_results
+from worker.scoring import (
+    decide_study,
+    final_state,
+    model_steering,
+    model_thresholds,
+    pending_instances,
+    run_pipeline,
+    store_results,
+)
 from worker.triage import AI_UNAVAILABLE, Decision, Level
 
 log = logging.getLogger("xray_triage.tasks")
@@ -161,7 +169,7 @@ def score_claimed(
         work = pending_instances(session, study_id, model.ref)
     thresholds = model_thresholds(model, settings)
     rows, _ = run_pipeline(model, work, settings, thresholds)
-    decision = decide_study(work, rows, thresholds, settings)
+    decision = decide_study(work, rows, thresholds, settings, model_steering(model, settings))
     state = final_state(decision)
     with session_scope(factory) as session:
         now = utcnow()

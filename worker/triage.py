@@ -18,7 +18,7 @@ study's ``top_finding`` and filters on ``flagged_findings`` (see ``Decision``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,6 +76,20 @@ class Decision:
 def thresholds_for(card_thresholds: Mapping[str, float], cfg: TriageConfig) -> dict[str, float]:
     """The card's operating thresholds with the site's overrides on top."""
     return {**{k: float(v) for k, v in card_thresholds.items()}, **{k: float(v) for k, v in cfg.thresholds.items()}}
+
+
+def steering_findings(card_specificity: Mapping[str, float | None], cfg: TriageConfig) -> frozenset[str]:
+    """Findings allowed to raise a study's priority (see TriageConfig.min_steering_specificity).
+
+    `card_specificity` is the model card's validation specificity at each finding's operating
+    threshold (None when the card has none: such a finding steers).  A site override of the
+    threshold means the site chose its own operating point, so that finding steers too.
+    """
+    return frozenset(
+        f
+        for f, spec in card_specificity.items()
+        if f in cfg.thresholds or spec is None or spec >= cfg.min_steering_specificity
+    )
 
 
 def flags_for(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> dict[str, bool]:
@@ -141,8 +155,16 @@ def flagged_findings(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[st
     return f",{','.join(ordered)},"
 
 
-def decide(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float], cfg: TriageConfig) -> Decision:
+def decide(
+    outcomes: Sequence[InstanceOutcome],
+    thresholds: Mapping[str, float],
+    cfg: TriageConfig,
+    steering: Collection[str] | None = None,
+) -> Decision:
     """The study's final state and priority from its instances' outcomes.
+
+    Only `steering` findings (default: all) set the level and the top finding; the others are
+    still flagged (``flagged_findings``) and named in the reason as informational.
 
     Scored if any instance was scored (the study's level is its most urgent instance's);
     otherwise failed if any instance failed, else ineligible.  Both of the latter are
@@ -155,10 +177,14 @@ def decide(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float],
         state = "failed" if failed else "ineligible"
         reason = "; ".join(dict.fromkeys(o.reason or state for o in pick)) or "no instance to score"
         return Decision(state, reason, Level.ROUTINE, Level.ROUTINE, f"{AI_UNAVAILABLE} ({reason})", AI_UNAVAILABLE)
-    best = min(scored, key=lambda o: (instance_level(o.scores, thresholds, cfg), -_margin(o.scores, thresholds)))
-    level = instance_level(best.scores, thresholds, cfg)
-    words = f"{level.name.lower()}: {explain(best.scores, thresholds)}"
-    top_name, top_score = top_finding(best.scores, thresholds) or (None, None)
+    steer = {f: t for f, t in thresholds.items() if steering is None or f in steering}
+    best = min(scored, key=lambda o: (instance_level(o.scores, steer, cfg), -_margin(o.scores, steer)))
+    level = instance_level(best.scores, steer, cfg)
+    words = f"{level.name.lower()}: {explain(best.scores, steer)}"
+    info = [(f, s, t) for f, s, t in _known(best.scores, thresholds) if f not in steer and s >= t]
+    if info:
+        words += "; informational, not steering: " + ", ".join(_fmt(f, s, "≥", t) for f, s, t in info)
+    top_name, top_score = top_finding(best.scores, steer) or (None, None)
     flagged = flagged_findings(scored, thresholds)
     # Silent mode stores ROUTINE as the priority but still records the model's opinion.
     priority, reason = (Level.ROUTINE, f"silent mode, model says {words}") if cfg.silent_mode else (level, words)

@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
     factory = make_sessionmaker(engine)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(disclaimer=DISCLAIMER, findings=FINDINGS, refresh_s=web.refresh_s)
+    templates.env.filters["pn"] = queries.person_name
     app = FastAPI(
         docs_url=None,
         redoc_url=None,
@@ -491,13 +492,18 @@ def create_app(settings: Settings) -> FastAPI:
     def _admin_status(session: Session) -> dict[str, Any]:
         from models.card import ModelCard
         from models.registry import resolve_model_path
-        from worker.triage import thresholds_for
+        from worker.scoring import card_specificity
+        from worker.triage import steering_findings, thresholds_for
 
         now = utcnow()
         status = health.health(settings, factory, now)
         try:
             card = ModelCard.load(resolve_model_path(settings=settings).parent / "card.json")
-            model = {"ref": card.ref, "thresholds": thresholds_for(card.thresholds, settings.triage)}
+            model = {
+                "ref": card.ref,
+                "thresholds": thresholds_for(card.thresholds, settings.triage),
+                "steering": sorted(steering_findings(card_specificity(card), settings.triage)),
+            }
         except Exception as exc:  # noqa: BLE001 - the page must show the rest when the card is missing
             model = {
                 "ref": None,

@@ -17,9 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 from PIL import Image
+from pydicom.errors import InvalidDicomError
 
+from dicom_io.eligibility import check_eligibility
+from dicom_io.errors import PixelError
+from dicom_io.pixels import load_image, render_display, to_model_tensor
+from models.heatmap_image import colorize, crop_letterbox
 from worker.config import PixelsConfig
+from worker.triage import flags_for
+
+# pydicom and the pixel path are imported above, once, when the app is built, not inside the
+# endpoints: there, the first two requests of a study page (image.png and heatmaps/*.png, on
+# two threads of the pool) imported pydicom's mutually dependent modules at once, and one got
+# a partially initialized module (ImportError: cannot import name 'Dataset' ...).
 
 DISPLAY_MAX = 1024
 _CACHE_ENTRIES = 64
@@ -62,8 +74,6 @@ def display_png(path: Path, cache_key: str, limits: PixelsConfig) -> bytes:
     cached = _PNG_CACHE.get(cache_key)
     if cached is not None:
         return cached
-    from dicom_io.pixels import render_display
-
     data = png_bytes(render_display(path, max_size=DISPLAY_MAX, limits=limits))
     _PNG_CACHE.put(cache_key, data)
     return data
@@ -71,16 +81,12 @@ def display_png(path: Path, cache_key: str, limits: PixelsConfig) -> bytes:
 
 def image_shape(path: Path) -> tuple[int, int]:
     """(Rows, Columns) from the DICOM header, without reading the pixel data."""
-    import pydicom
-
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     return int(ds.Rows), int(ds.Columns)
 
 
 def heatmap_png(heatmap_file: Path, shape: tuple[int, int]) -> bytes:
     """A stored RGBA heatmap with its letterbox padding cut away, ready to lay over the image."""
-    from models.heatmap_image import crop_letterbox
-
     with Image.open(heatmap_file) as im:
         rgba = np.asarray(im.convert("RGBA"))
     return png_bytes(np.ascontiguousarray(crop_letterbox(rgba, shape)))
@@ -142,15 +148,6 @@ def _sniff(data: bytes) -> str:
 
 def analyse(data: bytes, model: Any, thresholds: dict[str, float], settings: Any) -> Analysis:
     """Eligibility, pixel path, scores and heatmaps for one uploaded file, all in memory."""
-    import pydicom
-    from models.heatmap_image import colorize, crop_letterbox
-    from pydicom.errors import InvalidDicomError
-
-    from dicom_io.eligibility import check_eligibility
-    from dicom_io.errors import PixelError
-    from dicom_io.pixels import load_image, render_display, to_model_tensor
-    from worker.triage import flags_for
-
     kind = _sniff(data)
     notes: list[str] = []
     source: Any = data

@@ -177,6 +177,15 @@ def ordered_ids(session: Session, q: WorklistQuery, cfg: TriageConfig, now: date
 # --------------------------------------------------------------------------- presentation
 
 
+def person_name(name: str | None) -> str | None:
+    """DICOM PN "DOE^JOHN^^DR" -> "DOE, JOHN" as people read it (alphabetic group only)."""
+    if not name:
+        return name
+    parts = [p.strip() for p in name.split("=")[0].split("^")]
+    family, given = [*parts, "", ""][:2]
+    return ", ".join(p for p in (family, " ".join(x for x in [given, *parts[2:3]] if x)) if p) or name
+
+
 def mask_name(name: str | None) -> str | None:
     """DICOM PN "DOE^JOHN" -> "D*** J***": enough to tell two patients apart at a glance."""
     if not name:
