@@ -372,6 +372,32 @@ def test_pages_concatenate_to_the_whole_order(make_worklist) -> None:
     assert worklist_json(client, page=len(want) + 1, page_size=1, priority="routine")["items"] == []
 
 
+def test_the_total_is_counted_up_to_a_cap(make_worklist, monkeypatch) -> None:
+    """Past COUNT_CAP the total is a lower bound ("5+"), and paging still reaches every study."""
+    from worklist import queries
+
+    monkeypatch.setattr(queries, "COUNT_CAP", 5)
+    wl = make_worklist()
+    now = utcnow()
+    for n in range(8):
+        wl.add_study(f"3.7.{n + 1}", priority=2, age_min=10 + n, now=now)
+    client, _ = wl.logged_in("alice")
+    first = worklist_json(client, page_size=3)
+    assert (first["total"], first["total_exact"], first["pages"]) == (5, False, 2)
+    seen = [i["study_uid"] for i in first["items"]]
+    page = 2
+    while True:
+        body = worklist_json(client, page_size=3, page=page)
+        seen += [i["study_uid"] for i in body["items"]]
+        if page >= body["pages"]:
+            break
+        page += 1
+    assert seen == [f"3.7.{n}" for n in range(8, 0, -1)]  # oldest first, none lost past the cap
+    assert "5+ studies" in client.get("/worklist").text
+    assert client.get("/worklist/rows").headers["X-Total"] == "5+"
+    assert worklist_json(client, page_size=3, calling_ae="NOBODY")["total_exact"] is True
+
+
 def test_page_links_keep_the_filters(make_worklist) -> None:
     wl = make_worklist(web={"page_size": 5})
     now = utcnow()

@@ -338,7 +338,7 @@ def create_app(settings: Settings) -> FastAPI:
         """The table body alone: what the page's refresh swaps in, keeping filters and scroll."""
         result = _worklist(session, q)
         response = page(request, "_rows.html", user=user, result=result, q=q)
-        response.headers["X-Total"] = str(result.total)
+        response.headers["X-Total"] = result.total_label
         return response
 
     @app.get("/api/worklist", tags=["worklist"])

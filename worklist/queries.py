@@ -27,6 +27,7 @@ from worker.config import TriageConfig, WebConfig
 from worker.triage import AI_UNAVAILABLE, Level, priority_segments
 
 PENDING_STATES = (StudyState.RECEIVING, StudyState.QUEUED, StudyState.PROCESSING)
+COUNT_CAP = 10_000
 MAX_PAGE_SIZE = 200
 
 
@@ -122,6 +123,7 @@ class OrderedIds:
     ids: list[int]
     levels: dict[int, int]  # study id -> effective priority
     total: int
+    more: bool = False  # True when more than `total` (= COUNT_CAP) studies match
 
 
 def page_statement(q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size: int) -> Select[Any] | None:
@@ -161,7 +163,10 @@ def total_statement(q: WorklistQuery, cfg: TriageConfig, now: datetime) -> Selec
     if not segments:
         return None
     total_where = [*where] if len(segments) == len(all_segments) else [or_(*(c for _, c in segments)), *where]
-    return select(func.count()).select_from(Study).where(*total_where)
+    # Counted up to COUNT_CAP + 1 rows only: an exact count of a year of studies is a scan of
+    # the whole table on every page and every refresh, and "10,000+" says as much to a reader.
+    capped = select(Study.id).where(*total_where).limit(COUNT_CAP + 1).subquery()
+    return select(func.count()).select_from(capped)
 
 
 def ordered_ids(session: Session, q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size: int) -> OrderedIds:
@@ -170,8 +175,10 @@ def ordered_ids(session: Session, q: WorklistQuery, cfg: TriageConfig, now: date
     if stmt is None or count is None:
         return OrderedIds([], {}, 0)
     rows = session.execute(stmt).all()
-    total = session.scalar(count) or 0
-    return OrderedIds([int(r[0]) for r in rows], {int(r[0]): int(r[1]) for r in rows}, int(total))
+    total = int(session.scalar(count) or 0)
+    return OrderedIds(
+        [int(r[0]) for r in rows], {int(r[0]): int(r[1]) for r in rows}, min(total, COUNT_CAP), total > COUNT_CAP
+    )
 
 
 # --------------------------------------------------------------------------- presentation
@@ -282,13 +289,23 @@ class Page:
     total: int
     page: int
     page_size: int
+    more: bool = False  # more than `total` studies match (the count stops at COUNT_CAP)
 
     @property
     def pages(self) -> int:
-        return max(1, -(-self.total // self.page_size))
+        counted = max(1, -(-self.total // self.page_size))
+        # Past the counted pages, a full page may have a next one.
+        if not self.more:
+            return counted
+        return max(counted, self.page + 1 if len(self.rows) == self.page_size else self.page)
+
+    @property
+    def total_label(self) -> str:
+        return f"{self.total:,}+" if self.more else f"{self.total:,}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "total_exact": not self.more,
             "total": self.total,
             "page": self.page,
             "page_size": self.page_size,
@@ -303,7 +320,7 @@ def worklist_page(session: Session, q: WorklistQuery, cfg: TriageConfig, web: We
     studies = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(found.ids)))} if found.ids else {}
     series = _series_summary(session, found.ids)
     rows = [study_row(studies[i], found.levels[i], series.get(i, (None, None)), now, web) for i in found.ids]
-    return Page(rows, found.total, q.page, page_size)
+    return Page(rows, found.total, q.page, page_size, found.more)
 
 
 # --------------------------------------------------------------------------- one study
