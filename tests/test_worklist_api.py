@@ -19,8 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from fastapi.testclient import TestClient
 from httpx import Response
+from sqlalchemy import func, select
 
-from db.models import utcnow
+from db.models import Study, utcnow
 from tests.plugins.worklist import PASSWORD, WorklistApp, csrf_from
 from worker.triage import Level, effective_priority, sort_key
 
@@ -913,6 +914,42 @@ def test_malformed_bodies_answer_422(worklist: WorklistApp) -> None:
     assert_html_error(form.post("/studies/7.4/read-state", data={"state": "done", "csrf_token": tok}), 400, "state")
     assert worklist.study("7.4").read_state == "unread"
     assert_still_answering(client)
+
+
+def test_analyse_scores_real_uploads_without_storing_them(make_worklist) -> None:
+    from tests.conftest import pydicom_data_file, shared_file
+
+    wl = make_worklist()
+    client, token = wl.logged_in("alice")
+    headers = {"X-CSRF-Token": token}
+    chest = pydicom_data_file("RG1_UNCR.dcm")  # a real adult chest CR with round masses
+    r = client.post("/api/analyse", files={"file": ("rg1.dcm", chest.read_bytes())}, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["kind"], body["eligible"], body["model"]) == ("dicom", True, "default@1.0.0")
+    assert set(body["scores"]) == {"pneumonia", "mass", "covid19"}
+    assert all(0.0 <= p <= 1.0 for p in body["scores"].values())
+    assert body["flags"] == {f: body["scores"][f] >= body["thresholds"][f] for f in body["scores"]}
+    # Mass is flagged but informational with the shipped model (see docs/triage.md): it is
+    # never listed among the top findings that would steer a worklist.
+    assert body["informational"] == ["mass"]
+    assert all(t["finding"] != "mass" and body["flags"][t["finding"]] for t in body["top_findings"])
+    assert body["image_png"].startswith("data:image/png;base64,")
+    assert set(body["heatmaps"]) == set(body["scores"]) and "not for diagnostic use" in body["disclaimer"]
+
+    jpeg = shared_file("kermany", "train", "PNEUMONIA", "person1000_bacteria_2931.jpeg")
+    r = client.post("/api/analyse", files={"file": ("p.jpeg", jpeg.read_bytes())}, headers=headers)
+    assert r.status_code == 200 and r.json()["kind"] == "jpeg" and "no DICOM header" in r.json()["notes"]
+    assert r.json()["flags"]["pneumonia"] and r.json()["top_findings"][0]["finding"] == "pneumonia"
+
+    leg = pydicom_data_file("RG3_UNCR.dcm")  # a leg: scored for information, never flagged
+    body = client.post("/api/analyse", files={"file": ("leg.dcm", leg.read_bytes())}, headers=headers).json()
+    assert body["eligible"] is False and "EXTREMITY" in body["reason"] and not any(body["flags"].values())
+    assert body["top_findings"] == []
+
+    with wl.factory() as session:  # nothing became a study
+        assert session.scalar(select(func.count()).select_from(Study)) == 0
+    assert [e.action for e in wl.audit() if e.action == "analyse"] == ["analyse"] * 3
 
 
 def test_analyse_rejects_unreadable_and_empty_uploads(make_worklist) -> None:

@@ -452,11 +452,12 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(413, f"file larger than {web.max_upload_mb} MB")
         if not data:
             raise HTTPException(400, "empty file")
-        from worker.scoring import model_thresholds
+        from worker.scoring import model_steering, model_thresholds
 
         model = _model()
         try:
-            result = imaging.analyse(data, model, model_thresholds(model, settings), settings)
+            thresholds, steering = model_thresholds(model, settings), model_steering(model, settings)
+            result = imaging.analyse(data, model, thresholds, settings, steering)
         except imaging.UnreadableImage as exc:
             raise HTTPException(400, str(exc)) from None
         audit.record(session, user.username, "analyse", utcnow(), None, f"{result.kind}, {len(data)} bytes")

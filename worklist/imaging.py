@@ -107,6 +107,8 @@ class Analysis:
     thresholds: dict[str, float]
     flags: dict[str, bool]
     top_findings: list[tuple[str, float]]
+    # Findings whose operating point does not steer priority (worker.triage.steering_findings).
+    informational: list[str]
     image_png: bytes
     heatmap_pngs: dict[str, bytes]
     model: str
@@ -126,6 +128,7 @@ class Analysis:
             "thresholds": self.thresholds,
             "flags": self.flags,
             "top_findings": [{"finding": f, "score": s} for f, s in self.top_findings],
+            "informational": self.informational,
             "image_png": uri(self.image_png),
             "heatmaps": {f: uri(b) for f, b in self.heatmap_pngs.items()},
             "model": self.model,
@@ -146,7 +149,9 @@ def _sniff(data: bytes) -> str:
     return "dicom?"  # DICOM without a preamble is legal; the parser decides
 
 
-def analyse(data: bytes, model: Any, thresholds: dict[str, float], settings: Any) -> Analysis:
+def analyse(
+    data: bytes, model: Any, thresholds: dict[str, float], settings: Any, steering: frozenset[str] | None = None
+) -> Analysis:
     """Eligibility, pixel path, scores and heatmaps for one uploaded file, all in memory."""
     kind = _sniff(data)
     notes: list[str] = []
@@ -190,7 +195,8 @@ def analyse(data: bytes, model: Any, thresholds: dict[str, float], settings: Any
         scores=scores,
         thresholds=dict(thresholds),
         flags=flags,
-        top_findings=[(f, s) for f, s in ranked if flags.get(f)],
+        top_findings=[(f, s) for f, s in ranked if flags.get(f) and (steering is None or f in steering)],
+        informational=sorted(f for f in scores if steering is not None and f not in steering),
         image_png=png_bytes(shown),
         heatmap_pngs=heatmaps,
         model=model.ref,
