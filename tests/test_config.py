@@ -36,6 +36,12 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path: Path):
         ("queues:\n  urgent: same\n  routine: same\n", {}, "queues"),
         ("database:\n  url: mysql://x/y\n", {}, "database.url"),
         ("handoff:\n  stability_window_s: 0\n", {}, "handoff.stability_window_s"),
+        ("", {"XRAY_TRIAGE_WEB__PORT": "0"}, "web.port"),
+        ("web:\n  secret_key: short\n", {}, "web.secret_key"),
+        ("web:\n  refresh_s: 30\n", {}, "web.refresh_s"),
+        ("web:\n  mask_patient_identity: maybe\n", {}, "web.mask_patient_identity"),
+        ("triage:\n  min_steering_specificity: 1.5\n", {}, "triage.min_steering_specificity"),
+        ("worker:\n  heartbeat_interval_s: 0\n", {}, "worker.heartbeat_interval_s"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, yaml_text: str, env: dict[str, str], key: str):
@@ -64,5 +70,8 @@ def test_secrets_are_masked():
     )
     shown = str(effective_config(settings))
     assert "s3cr3t" not in shown and "hunter2" not in shown and shown.count("***") == 2
+    key = "k" * 40
+    with_key = effective_config(load_settings(environ={"XRAY_TRIAGE_WEB__SECRET_KEY": key}))
+    assert with_key["web"]["secret_key"] == "***" and key not in str(with_key)
     assert settings.database.url.startswith("postgresql+psycopg://")
     assert mask_secrets("sqlite:///var/x.db") == "sqlite:///var/x.db"
