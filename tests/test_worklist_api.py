@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from fastapi.testclient import TestClient
 from httpx import Response
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from db.models import Study, utcnow
 from tests.plugins.worklist import PASSWORD, WorklistApp, csrf_from
@@ -1124,3 +1124,43 @@ def test_openapi_and_docs_are_served(worklist: WorklistApp) -> None:
         if re.search(r"<script>\s*\S", page.text):
             assert "'unsafe-inline'" in scripts
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+# --------------------------------------------------------------------------- database outage
+
+
+def test_a_database_outage_answers_503_and_the_app_recovers(postgres_server, tmp_path, request) -> None:
+    """PostgreSQL behind a TCP proxy we cut: every request says so clearly, nothing crashes."""
+    from db.session import upgrade
+    from tests.plugins.ingest import PG_HOST, PG_PORT, Backend, TcpProxy
+    from worklist.app import create_app
+    from worklist.users import add_user
+
+    postgres_server.truncate()
+    proxy = TcpProxy((PG_HOST, PG_PORT))
+    request.addfinalizer(proxy.close)
+    backend = Backend("postgres", postgres_server.url_via("127.0.0.1", proxy.port), "redis://127.0.0.1:6379/0",
+                      f"xt-web-{proxy.port}.urgent", f"xt-web-{proxy.port}.routine")  # fmt: skip
+    settings = backend.settings(tmp_path)
+    upgrade(settings.database.url)
+    from db.session import make_engine, make_sessionmaker, session_scope
+
+    engine = make_engine(postgres_server.url)
+    request.addfinalizer(engine.dispose)
+    with session_scope(make_sessionmaker(engine)) as s:
+        s.execute(text("DELETE FROM app_user WHERE username = 'outage.doc'"))
+        add_user(s, "outage.doc", PASSWORD, "radiologist")
+    client = TestClient(create_app(settings))
+    r = client.post("/api/login", json={"username": "outage.doc", "password": PASSWORD})
+    assert r.status_code == 200, r.text
+
+    proxy.cut()
+    api = client.get("/api/worklist")
+    assert api.status_code == 503 and "database is unavailable" in api.json()["error"], api.text
+    page = client.get("/worklist")
+    assert page.status_code == 503 and "database is unavailable" in page.text
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json()["checks"]["database"]["ok"] is False
+
+    proxy.open()
+    assert client.get("/api/worklist").status_code == 200  # the pool reconnects: no restart needed

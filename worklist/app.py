@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
+import sqlalchemy.exc
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -220,6 +221,16 @@ def create_app(settings: Settings) -> FastAPI:
         if _is_api(request):
             return JSONResponse({"error": message, "status": 422, "details": details}, status_code=422)
         return page(request, "error.html", 400, message=message, status=400)
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    @app.exception_handler(sqlalchemy.exc.InterfaceError)
+    async def _database_down(request: Request, exc: Exception) -> Response:
+        # The pages stay up while the database is away; nothing was changed, try again later.
+        log.warning("%s %s: database unavailable (%s)", request.method, request.url.path, type(exc).__name__)
+        message = "the database is unavailable; nothing was changed, try again in a moment"
+        if _is_api(request):
+            return JSONResponse({"error": message, "status": 503}, status_code=503)
+        return page(request, "error.html", 503, message=message, status=503)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
