@@ -1107,13 +1107,18 @@ def test_openapi_and_docs_are_served(worklist: WorklistApp) -> None:
 
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text and "swagger-ui" in docs.text.lower()
-    # Served from the swagger-ui-bundle package: a hospital network has no CDN to load it from.
-    for src in re.findall(r'<(?:script src|link type="text/css" rel="stylesheet" href)="([^"]+)"', docs.text):
-        assert src.startswith("/docs-assets/"), src
-        assert client.get(src).status_code == 200, src
-    # The browser must be allowed to run what the page loads (the app's own pages keep the
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/openapi.json" in redoc.text
+    # Served from the fastapi-offline package: a hospital network has no CDN to load them from.
+    for page in (docs, redoc):
+        assets = re.findall(r'<(?:script src|link type="text/css" rel="stylesheet" href)="([^"]+)"', page.text)
+        assert assets
+        for src in assets:
+            assert src.startswith("/docs-assets/"), src
+            assert client.get(src).status_code == 200, src
+    # The browser must be allowed to run what the pages load (the app's own pages keep the
     # strict policy, see test_pages_carry_the_security_headers).
-    for page in (docs,):
+    for page in (docs, redoc):
         directives = [d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";") if d.strip()]
         csp = {d[0]: d[1] if len(d) > 1 else "" for d in directives}
         scripts = csp.get("script-src", csp.get("default-src", ""))

@@ -20,16 +20,15 @@ from urllib.parse import urlencode
 import sqlalchemy.exc
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
-from swagger_ui_bundle import swagger_ui_path
 
 from db.models import ReadState, Study, utcnow
 from db.session import make_engine, make_sessionmaker
@@ -48,10 +47,9 @@ API_PREFIXES = ("/api/", "/healthz")
 AE_TITLES_TTL_S = 60.0
 # Pages may load only our own scripts, styles and images (data: for analysed uploads).
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
-# /docs is Swagger UI served from the swagger-ui-bundle package (hospital networks have no
-# internet, so nothing comes from a CDN); FastAPI starts it with an inline script, which only
-# that page may run.
-DOCS_PATHS = ("/docs",)
+# /docs (Swagger UI) and /redoc come from the fastapi-offline package, scripts included:
+# hospital networks reach no CDN.  They start with an inline script, which only they may run.
+DOCS_PATHS = ("/docs", "/redoc")
 DOCS_ASSETS = "/docs-assets"
 DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
@@ -90,9 +88,8 @@ def create_app(settings: Settings) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(disclaimer=DISCLAIMER, findings=FINDINGS, refresh_s=web.refresh_s)
     templates.env.filters["pn"] = queries.person_name
-    app = FastAPI(
-        docs_url=None,
-        redoc_url=None,
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="xray-triage worklist API",
         version="1",
         description=f"Chest X-ray triage worklist. {DISCLAIMER} Log in with POST /api/login; "
@@ -111,17 +108,6 @@ def create_app(settings: Settings) -> FastAPI:
         https_only=web.cookie_secure,
     )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    def api_docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=app.openapi_url or "/openapi.json",
-            title=app.title,
-            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
-        )
 
     @app.middleware("http")
     async def _headers(request: Request, call_next: Any) -> Response:
