@@ -145,9 +145,14 @@ def test_user_add_stores_an_argon2_hash_and_refuses_bad_input(sqlite_backend, tm
     from db.session import make_engine, make_sessionmaker, upgrade
 
     settings = sqlite_backend.settings(tmp_path)
-    upgrade(settings.database.url)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    fresh = tmp_path / "fresh.yaml"  # a database nobody has migrated yet
+    fresh.write_text(yaml.safe_dump({"database": {"url": f"sqlite:///{tmp_path / 'fresh.db'}"}}))
+    early = _user_add(fresh, "dr.house", password="a long enough secret")
+    assert early.returncode == 1 and "run `xray-triage db upgrade` first" in early.stderr
+    assert "SELECT" not in early.stderr and "Traceback" not in early.stderr
+    upgrade(settings.database.url)
     ok = _user_add(config, "dr.house", "--role", "admin", password="a long enough secret")
     assert ok.returncode == 0 and "added with role admin" in ok.stdout
     assert "a long enough secret" not in ok.stdout + ok.stderr

@@ -105,6 +105,8 @@ def _read_password(args: argparse.Namespace) -> str:
 
 def _with_user_session(settings: Settings, action: Callable[[Any], None]) -> int:
     """Run `action(session)` in one transaction; a ValueError is the operator's mistake (exit 2)."""
+    import sqlalchemy.exc
+
     from db.session import make_engine, make_sessionmaker, session_scope
 
     engine = make_engine(settings.database.url, hide_parameters=True)
@@ -114,6 +116,14 @@ def _with_user_session(settings: Settings, action: Callable[[Any], None]) -> int
     except ValueError as exc:
         print(f"xray-triage: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        # Most often a fresh database: say what to do instead of printing SQL.
+        print(
+            f"xray-triage: the users table cannot be read ({type(exc).__name__}); "
+            "run `xray-triage db upgrade` first, or check database.url",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
     finally:
         engine.dispose()
     return 0
