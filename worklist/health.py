@@ -36,10 +36,17 @@ def _database(factory: sessionmaker[Session]) -> dict[str, Any]:
     return {}
 
 
+_CELERY_APPS: dict[str, Any] = {}
+
+
 def _broker(settings: Settings) -> dict[str, Any]:
     from worker.celery_app import make_celery, queue_depths
 
-    app = make_celery(settings)
+    # One Celery app per broker URL for the process: a monitoring probe every few seconds
+    # should not rebuild the app (and its connection pool) each time.
+    app = _CELERY_APPS.get(settings.broker.url)
+    if app is None:
+        app = _CELERY_APPS.setdefault(settings.broker.url, make_celery(settings))
     return {"queues": queue_depths(app, [settings.queues.urgent, settings.queues.routine])}
 
 
