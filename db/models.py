@@ -255,10 +255,26 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class UserSession(Base):
+    """A logged-in session, held server-side so that logging out really ends it.
+
+    The cookie carries a random token; only its SHA-256 is stored, so a copy of the database
+    cannot be replayed as a login.
+    """
+
+    __tablename__ = "user_session"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()
+
+
 class AuditEvent(Base):
     """Who viewed or changed what, and when: every study view and every state change."""
 
     __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_action_user_at", "action", "username", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -166,3 +166,46 @@ def test_user_add_stores_an_argon2_hash_and_refuses_bad_input(sqlite_backend, tm
         users = session.scalars(select(User)).all()
     assert [(u.username, u.role) for u in users] == [("dr.house", Role.ADMIN)]
     assert users[0].password_hash.startswith("$argon2id$") and "a long enough secret" not in users[0].password_hash
+
+
+def test_password_change_and_disable_end_the_users_sessions(sqlite_backend, tmp_path):
+    from db.models import User, utcnow
+    from db.session import make_engine, make_sessionmaker, session_scope, upgrade
+    from worklist.sessions import open_session, session_user
+
+    settings = sqlite_backend.settings(tmp_path)
+    upgrade(settings.database.url)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    assert _user_add(config, "dr.house", password="a long enough secret").returncode == 0
+    factory = make_sessionmaker(make_engine(settings.database.url))
+
+    def new_session() -> str:
+        with session_scope(factory) as s:
+            user_id = s.query(User.id).filter_by(username="dr.house").scalar()
+            return open_session(s, user_id, utcnow())
+
+    def alive(token: str) -> bool:
+        with factory() as s:
+            return session_user(s, token, utcnow(), 3600) is not None
+
+    def cli(*args: str, password: str | None = None) -> subprocess.CompletedProcess[str]:
+        extra = ["--password-stdin"] if password is not None else []
+        return subprocess.run([*CLI, "--config", str(config), "user", *args, *extra], cwd=REPO, capture_output=True,
+                              text=True, env=_env(), input=(password or "") + "\n")  # fmt: skip
+
+    token = new_session()
+    assert alive(token)
+    changed = cli("password", "dr.house", password="another long secret")
+    assert changed.returncode == 0 and "sessions are ended" in changed.stdout
+    assert not alive(token)
+    assert cli("password", "dr.house", password="short").returncode == 2
+    assert cli("password", "nobody", password="another long secret").returncode == 2
+
+    token = new_session()
+    disabled = cli("disable", "dr.house")
+    assert disabled.returncode == 0 and not alive(token)
+    token = new_session()
+    assert not alive(token)  # a disabled account has no live session, whatever its cookie says
+    assert cli("enable", "dr.house").returncode == 0 and alive(token)
+    assert cli("disable", "nobody").returncode == 2

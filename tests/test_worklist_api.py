@@ -545,8 +545,70 @@ def test_wrong_password_unknown_user_and_disabled_user_cannot_log_in(worklist: W
         assert form.get("/api/me").status_code == 401
         assert form.get("/worklist").status_code == 303
     failed = [e for e in worklist.audit() if e.action == "login_failed"]
-    assert len(failed) == 6 and {e.username for e in failed} == {None}
+    # Counted under the attempted name (what the login throttle reads), never with the password.
+    assert len(failed) == 6 and sorted(e.username for e in failed) == [
+        "alice",
+        "alice",
+        "bob",
+        "bob",
+        "nobody",
+        "nobody",
+    ]
+    assert not any(PASSWORD in (e.detail or "") or "not the password" in (e.detail or "") for e in failed)
     assert not [e for e in worklist.audit() if e.action == "login"]
+
+
+def test_logout_ends_the_session_server_side(worklist: WorklistApp) -> None:
+    """A copy of the cookie taken before logging out no longer works (no wait for its expiry)."""
+    client, token = worklist.logged_in("alice")
+    stolen = dict(client.cookies)
+    thief = worklist.client()
+    thief.cookies.update(stolen)
+    assert thief.get("/api/me").status_code == 200
+    assert client.post("/api/logout", headers={"X-CSRF-Token": token}).json() == {"ok": True}
+    assert thief.get("/api/me").status_code == 401
+    assert thief.get("/worklist").status_code == 303
+    # Two workstations of one user are two sessions: logging out of one keeps the other.
+    first, second = worklist.client(), worklist.client()
+    worklist.login(first, "alice")
+    second_token = worklist.login(second, "alice")
+    second.post("/api/logout", headers={"X-CSRF-Token": second_token})
+    assert first.get("/api/me").status_code == 200 and second.get("/api/me").status_code == 401
+
+
+def test_sessions_expire_server_side(make_worklist) -> None:
+    wl = make_worklist(web={"session_max_age_s": 60})
+    client, _ = wl.logged_in("alice")
+    assert client.get("/api/me").status_code == 200
+    with wl.session() as s:  # the session was opened two minutes ago
+        s.execute(text("UPDATE user_session SET created_at = :t"), {"t": utcnow() - timedelta(minutes=2)})
+    assert client.get("/api/me").status_code == 401
+
+
+def test_failed_logins_lock_that_user_name_for_a_while(make_worklist) -> None:
+    wl = make_worklist(web={"login_max_failures": 3, "login_lockout_min": 10})
+    wl.add_user("alice")
+    wl.add_user("bob")
+    api = wl.client()
+    for _ in range(3):
+        assert_json_error(api.post("/api/login", json={"username": "alice", "password": "guess"}), 401, "wrong")
+    # Even the right password is refused now, and the form says why.
+    assert_json_error(api.post("/api/login", json={"username": "alice", "password": PASSWORD}), 429, "too many")
+    form = wl.client()
+    r = _form_login(form, "alice")
+    assert r.status_code == 429 and "too many failed logins" in r.text
+    # Another user name is not affected, nor an unknown name told apart from a real one.
+    assert wl.client().post("/api/login", json={"username": "bob", "password": PASSWORD}).status_code == 200
+    for _ in range(3):
+        wl.client().post("/api/login", json={"username": "nobody", "password": "guess"})
+    assert_json_error(wl.client().post("/api/login", json={"username": "nobody", "password": "x"}), 429, "too many")
+    # The window passes: the failures age out and alice logs in again.
+    with wl.session() as s:
+        s.execute(
+            text("UPDATE audit_event SET at = :t WHERE action = 'login_failed'"),
+            {"t": utcnow() - timedelta(minutes=11)},
+        )
+    assert wl.client().post("/api/login", json={"username": "alice", "password": PASSWORD}).status_code == 200
 
 
 def test_a_user_disabled_after_login_loses_access_on_the_next_request(worklist: WorklistApp) -> None:
@@ -753,7 +815,7 @@ def test_views_logins_and_logouts_are_audited_without_patient_data(worklist: Wor
         ("bob", "login", None, None),
         ("bob", "view_study", "6.5", "page"),
         ("bob", "logout", None, None),
-        (None, "login_failed", None, None),
+        ("bob", "login_failed", None, None),  # under the attempted name: the login throttle counts it
     ]
     events = worklist.audit()
     assert [e.id for e in events] == sorted(e.id for e in events)

@@ -103,7 +103,7 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
-def _with_user_session(settings: Settings, action: Callable[[Any], None]) -> int:
+def _with_user_session(settings: Settings, action: Callable[[Any], object]) -> int:
     """Run `action(session)` in one transaction; a ValueError is the operator's mistake (exit 2)."""
     import sqlalchemy.exc
 
@@ -140,12 +140,34 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_user_password(settings: Settings, args: argparse.Namespace) -> int:
+    from db.models import utcnow
+    from worklist.sessions import revoke_all
     from worklist.users import set_password
 
     password = _read_password(args)
-    code = _with_user_session(settings, lambda session: set_password(session, args.username, password))
+    code = _with_user_session(
+        settings, lambda session: revoke_all(session, set_password(session, args.username, password), utcnow())
+    )
     if code == 0:
-        print(f"password of {args.username} changed")
+        print(f"password of {args.username} changed; their sessions are ended")
+    return code
+
+
+def cmd_user_disable(settings: Settings, args: argparse.Namespace) -> int:
+    from db.models import utcnow
+    from worklist.sessions import revoke_all
+    from worklist.users import set_disabled
+
+    disable = args.user_command == "disable"
+
+    def action(session: Any) -> None:
+        user_id = set_disabled(session, args.username, disable)
+        if disable:
+            revoke_all(session, user_id, utcnow())
+
+    code = _with_user_session(settings, action)
+    if code == 0:
+        print(f"user {args.username} {'disabled; their sessions are ended' if disable else 'enabled'}")
     return code
 
 
@@ -188,13 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     user_sub.required = True
     for name, func, help_ in (
         ("add", cmd_user_add, "add a worklist user (password asked twice, or read from stdin)"),
-        ("password", cmd_user_password, "change a user's password"),
+        ("password", cmd_user_password, "change a user's password and end their sessions"),
+        ("disable", cmd_user_disable, "disable a user and end their sessions"),
+        ("enable", cmd_user_disable, "enable a disabled user"),
     ):
         p = user_sub.add_parser(name, help=help_, description=help_)
         p.add_argument("username")
         if name == "add":
             p.add_argument("--role", choices=["radiologist", "admin"], default="radiologist")
-        p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        if name in ("add", "password"):
+            p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
         p.set_defaults(func=func)
 
     p = add("status", cmd_status, "studies per state and queue depth")

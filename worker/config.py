@@ -306,6 +306,10 @@ class WebConfig(_Section):
     page_size: Annotated[int, Field(ge=5, le=500)] = 50
     # Largest file accepted on the "analyse an image" page.
     max_upload_mb: Annotated[int, Field(ge=1, le=1024)] = 64
+    # After this many failed logins for one user name within `login_lockout_min`, further
+    # attempts for that name are refused (429) until the window has passed.
+    login_max_failures: Annotated[int, Field(ge=1, le=100)] = 5
+    login_lockout_min: Annotated[float, Field(gt=0, le=24 * 60)] = 15.0
     # A worker whose heartbeat is older than this is reported as missing by /healthz.
     worker_stale_s: Annotated[float, Field(gt=0)] = 90.0
 

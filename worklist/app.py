@@ -35,9 +35,9 @@ from db.session import make_engine, make_sessionmaker
 from dicom_io.uids import is_valid_uid
 from models.findings import DISCLAIMER, FINDING_NAMES, FINDINGS
 from worker.config import Settings, effective_config
-from worklist import audit, health, imaging, queries
+from worklist import audit, health, imaging, queries, sessions
 from worklist.security import CSRF_FIELD, CSRF_HEADER, csrf_matches, new_csrf_token, session_secret
-from worklist.users import CurrentUser, authenticate, load_user
+from worklist.users import CurrentUser, authenticate
 
 log = logging.getLogger("xray_triage.web")
 
@@ -139,8 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
         return str(token)
 
     def current_user(request: Request, session: Db) -> CurrentUser:
-        uid = request.session.get("uid")
-        user = load_user(session, int(uid)) if isinstance(uid, int) else None
+        user = sessions.session_user(session, request.session.get("sid"), utcnow(), web.session_max_age_s)
         if user is None:
             raise NotLoggedIn()
         return user
@@ -236,10 +235,35 @@ def create_app(settings: Settings) -> FastAPI:
     def login_page(request: Request, next: str | None = None) -> HTMLResponse:
         return page(request, "login.html", next=_safe_next(next), error=None)
 
-    def _start_session(request: Request, user: CurrentUser) -> str:
-        request.session.clear()  # a new session id and token: no fixation across the login
-        request.session.update(uid=user.id, csrf=new_csrf_token())
-        return str(request.session["csrf"])
+    def _login(request: Request, session: Session, username: str, password: str) -> CurrentUser:
+        """Check the password (unless this name is locked out), start a server-side session."""
+        now = utcnow()
+        name = sessions.throttle_name(username)
+        if sessions.recent_failures(session, name, now, web.login_lockout_min) >= web.login_max_failures:
+            raise HTTPException(
+                429, f"too many failed logins for this user name; try again in {web.login_lockout_min:.0f} minutes"
+            )
+        user = authenticate(session, username, password)
+        if user is None:
+            audit.record(session, name, sessions.LOGIN_FAILED, now)
+            session.commit()
+            raise HTTPException(401, "wrong user name or password")
+        audit.record(session, user.username, "login", now)
+        token = sessions.open_session(session, user.id, now)
+        session.commit()
+        request.session.clear()  # new token and CSRF token: no fixation across the login
+        request.session.update(sid=token, csrf=new_csrf_token())
+        return user
+
+    def _logout(request: Request, session: Session) -> None:
+        now = utcnow()
+        token = request.session.get("sid")
+        user = sessions.session_user(session, token, now, web.session_max_age_s)
+        sessions.revoke(session, token, now)
+        if user:
+            audit.record(session, user.username, "logout", now)
+        session.commit()
+        request.session.clear()
 
     @app.post("/login", include_in_schema=False)
     def login(
@@ -251,15 +275,10 @@ def create_app(settings: Settings) -> FastAPI:
         next: Annotated[str | None, Form()] = None,
     ) -> Response:
         check_csrf(request, csrf_token_)
-        user = authenticate(session, username, password)
-        now = utcnow()
-        if user is None:
-            audit.record(session, None, "login_failed", now)
-            session.commit()
-            return page(request, "login.html", 401, next=_safe_next(next), error="wrong user name or password")
-        audit.record(session, user.username, "login", now)
-        session.commit()
-        _start_session(request, user)
+        try:
+            _login(request, session, username, password)
+        except HTTPException as exc:
+            return page(request, "login.html", exc.status_code, next=_safe_next(next), error=exc.detail)
         return RedirectResponse(_safe_next(next), status_code=303)
 
     @app.post("/logout", include_in_schema=False)
@@ -267,33 +286,23 @@ def create_app(settings: Settings) -> FastAPI:
         request: Request, session: Db, csrf_token_: Annotated[str | None, Form(alias=CSRF_FIELD)] = None
     ) -> Response:
         check_csrf(request, csrf_token_)
-        uid = request.session.get("uid")
-        user = load_user(session, uid) if isinstance(uid, int) else None
-        if user:
-            audit.record(session, user.username, "logout", utcnow())
-            session.commit()
-        request.session.clear()
+        _logout(request, session)
         return RedirectResponse("/login", status_code=303)
 
     @app.post("/api/login", tags=["session"])
     def api_login(request: Request, session: Db, body: LoginRequest) -> dict[str, Any]:
-        """Log in; the answer's `csrf_token` goes into the X-CSRF-Token header of every change."""
-        user = authenticate(session, body.username, body.password)
-        now = utcnow()
-        if user is None:
-            audit.record(session, None, "login_failed", now)
-            session.commit()
-            raise HTTPException(401, "wrong user name or password")
-        audit.record(session, user.username, "login", now)
-        session.commit()
-        token = _start_session(request, user)
-        return {"user": user.username, "role": user.role.value, "csrf_token": token}
+        """Log in; the answer's `csrf_token` goes into the X-CSRF-Token header of every change.
+
+        After `web.login_max_failures` failed logins for one user name within
+        `web.login_lockout_min` minutes, further attempts for it answer 429.
+        """
+        user = _login(request, session, body.username, body.password)
+        return {"user": user.username, "role": user.role.value, "csrf_token": csrf_token(request)}
 
     @app.post("/api/logout", tags=["session"], dependencies=[ApiCsrf])
     def api_logout(request: Request, user: User, session: Db) -> dict[str, Any]:
-        audit.record(session, user.username, "logout", utcnow())
-        session.commit()
-        request.session.clear()
+        """End the session server-side: the cookie no longer works anywhere."""
+        _logout(request, session)
         return {"ok": True}
 
     @app.get("/api/me", tags=["session"])

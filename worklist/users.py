@@ -49,12 +49,26 @@ def add_user(session: Session, username: str, password: str, role: Role | str) -
     return user
 
 
-def set_password(session: Session, username: str, password: str) -> None:
-    check_password_strength(password)
+def _user(session: Session, username: str) -> User:
     user = session.scalar(select(User).where(User.username == username))
     if user is None:
         raise ValueError(f"no user {username!r}")
+    return user
+
+
+def set_password(session: Session, username: str, password: str) -> int:
+    """New hash for the user; returns the user's id (the caller ends the user's sessions)."""
+    check_password_strength(password)
+    user = _user(session, username)
     user.password_hash = hash_password(password)
+    return user.id
+
+
+def set_disabled(session: Session, username: str, disabled: bool) -> int:
+    """Disable (or re-enable) an account; returns the user's id."""
+    user = _user(session, username)
+    user.disabled = disabled
+    return user.id
 
 
 def authenticate(session: Session, username: str, password: str) -> CurrentUser | None:
@@ -65,12 +79,4 @@ def authenticate(session: Session, username: str, password: str) -> CurrentUser 
         return None
     if needs_rehash(user.password_hash):
         user.password_hash = hash_password(password)
-    return CurrentUser(user.id, user.username, Role(user.role))
-
-
-def load_user(session: Session, user_id: int) -> CurrentUser | None:
-    """The session's user as stored now: a disabled or deleted account loses access at once."""
-    user = session.get(User, user_id)
-    if user is None or user.disabled:
-        return None
     return CurrentUser(user.id, user.username, Role(user.role))
