@@ -18,6 +18,13 @@ Label mapping (decided here, documented in docs/training.md):
 * COVID collections: ``COVID-19`` -> covid19=1 and pneumonia=1 (viral pneumonia), mass
   unlabelled; ``Pneumonia`` -> pneumonia=1, covid19=0; ``No finding`` -> all three 0; a blank
   finding -> all unlabelled (the image is kept for nothing but counting).
+* RSNA adult normals (NIH films judged normal by RSNA radiologists): all three 0; these are
+  the only labelled negatives for mass besides NIH ``No Finding``.
+* ieee8023 non-COVID rows (adult case reports): bacterial, viral and fungal pneumonia,
+  Pneumocystis, SARS, lipoid pneumonia -> pneumonia=1; ``ARDS`` -> pneumonia unlabelled (diffuse
+  airspace disease without infection, like NIH ``Edema``); ``No Finding`` -> pneumonia=0;
+  covid19=0 for every row (COVID-19 rows were removed from this folder); mass unlabelled (case
+  reports of pneumonia say nothing about nodules).
 """
 
 from __future__ import annotations
@@ -117,6 +124,30 @@ def covid_collection_labels(finding: str) -> tuple[int, ...]:
     if f == "pneumonia":
         return label_vector(pneumonia=POSITIVE, covid19=NEGATIVE)
     return label_vector()
+
+
+def rsna_normal_labels(finding: str) -> tuple[int, ...]:
+    """RSNA adult normals: ``No Finding`` only; anything else is refused rather than guessed."""
+    if finding.strip().lower() != "no finding":
+        raise ValueError(f"unexpected RSNA normals label {finding!r} (expected 'No Finding')")
+    return label_vector(pneumonia=NEGATIVE, mass=NEGATIVE, covid19=NEGATIVE)
+
+
+_IEEE8023_NOT_PNEUMONIA = frozenset({"ards"})
+
+
+def ieee8023_noncovid_labels(finding: str) -> tuple[int, ...]:
+    """ieee8023 non-COVID ``finding`` column -> labels (see the module docstring)."""
+    f = finding.strip().lower()
+    if not f:
+        return label_vector()
+    if f == "no finding":
+        return label_vector(pneumonia=NEGATIVE, covid19=NEGATIVE)
+    if f in _IEEE8023_NOT_PNEUMONIA:
+        return label_vector(covid19=NEGATIVE)
+    if "covid" in f:
+        raise ValueError(f"COVID-19 row {finding!r} in the non-COVID collection")
+    return label_vector(pneumonia=POSITIVE, covid19=NEGATIVE)
 
 
 def labels_array(rows: list[tuple[int, ...]]) -> np.ndarray:

@@ -6,14 +6,24 @@ from collections import Counter
 
 import pytest
 
-from models.findings import UNLABELLED, covid_collection_labels, kermany_labels, label_vector, nih_labels
+from models.findings import (
+    UNLABELLED,
+    covid_collection_labels,
+    ieee8023_noncovid_labels,
+    kermany_labels,
+    label_vector,
+    nih_labels,
+    rsna_normal_labels,
+)
 from tests.conftest import shared_file
 from training.readers import (
     kermany_patient_id,
     read_covid_metadata,
     read_folder_per_class,
+    read_ieee8023,
     read_labels_csv,
     read_nih_csv,
+    read_rsna_normals,
     summarize,
 )
 
@@ -75,7 +85,32 @@ def test_summary_of_all_shared_data(shared_records):
     s = summarize(shared_records)
     assert s["kermany"]["images"] == 5216 and s["nih"]["images"] == 599
     assert s["covid-hannover"]["patients"] == 71
-    assert sum(v["images"] for v in s.values()) == 5216 + 599 + 54 + 55 + 243
+    assert s["rsna-normals"]["images"] == 6000 and s["ieee8023-noncovid"]["images"] == 82
+    assert sum(v["images"] for v in s.values()) == 5216 + 599 + 54 + 55 + 243 + 6000 + 82
+
+
+def test_rsna_normals_counts_and_labels():
+    recs = read_rsna_normals(shared_file("adult-normals-rsna"))
+    assert len(recs) == 6000
+    assert all(r.labels == label_vector(pneumonia=0, mass=0, covid19=0) for r in recs)
+    assert all(r.population == "adult" and r.path.suffix == ".jpg" and r.path.exists() for r in recs)
+    # no patient IDs are published: every image is its own patient
+    assert len({r.patient_id for r in recs}) == 6000
+    assert {r.source for r in recs} == {"rsna-normals"}
+
+
+def test_ieee8023_counts_and_labels():
+    recs = read_ieee8023(shared_file("ieee8023-noncovid"))
+    assert len(recs) == 82
+    assert len({r.patient_id for r in recs}) == 46
+    by = Counter(r.raw_label for r in recs)
+    assert by["SARS"] == 16 and by["Pneumocystis"] == 12 and by["No Finding"] == 1
+    pneumonia = Counter(r.label("pneumonia") for r in recs)
+    assert pneumonia == {1: 77, UNLABELLED: 4, 0: 1}  # ARDS (4) is not called pneumonia
+    assert all(r.label("covid19") == 0 for r in recs)
+    assert all(r.label("mass") == UNLABELLED for r in recs)  # case reports say nothing of nodules
+    assert {r.view for r in recs} == {"PA", "AP", "AP SUPINE"}
+    assert all(r.population == "adult" for r in recs)  # every listed age is adult or missing
 
 
 def test_label_mapping_decisions():
@@ -89,3 +124,11 @@ def test_label_mapping_decisions():
     assert covid_collection_labels("") == label_vector()
     with pytest.raises(ValueError):
         kermany_labels("OTHER")
+    assert rsna_normal_labels("No Finding") == label_vector(0, 0, 0)
+    with pytest.raises(ValueError):
+        rsna_normal_labels("Lung Opacity")  # never guessed: the folder holds normals only
+    assert ieee8023_noncovid_labels("Klebsiella") == label_vector(pneumonia=1, covid19=0)
+    assert ieee8023_noncovid_labels("ARDS") == label_vector(covid19=0)
+    assert ieee8023_noncovid_labels("No Finding") == label_vector(pneumonia=0, covid19=0)
+    with pytest.raises(ValueError):
+        ieee8023_noncovid_labels("COVID-19")

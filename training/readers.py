@@ -14,7 +14,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models.findings import FINDING_NAMES, covid_collection_labels, kermany_labels, label_vector, nih_labels
+from models.findings import (
+    FINDING_NAMES,
+    covid_collection_labels,
+    ieee8023_noncovid_labels,
+    kermany_labels,
+    label_vector,
+    nih_labels,
+    rsna_normal_labels,
+)
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png", ".dcm", ".dicom"})
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -180,11 +188,68 @@ def read_labels_csv(root: str | Path, source: str | None = None) -> list[Record]
     return records
 
 
+def read_rsna_normals(root: str | Path, source: str = "rsna-normals") -> list[Record]:
+    """RSNA adult normals: ``root/labels.csv`` (file, finding, source_file) + ``root/images``.
+
+    RSNA kept about one image per patient and publishes no patient IDs, so each image is its
+    own patient; a listed file that is missing is an error, not a silent gap in the counts.
+    """
+    root = Path(root)
+    csv_path = root / "labels.csv"
+    records: list[Record] = []
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            path = root / row["file"].strip()
+            if not path.exists():
+                raise FileNotFoundError(f"{csv_path}: listed image missing: {path}")
+            records.append(
+                Record(
+                    path=path,
+                    source=source,
+                    patient_id=f"{source}:{path.stem}",
+                    labels=rsna_normal_labels(row["finding"]),
+                    population="adult",
+                    raw_label=row["finding"].strip(),
+                    view="",
+                )
+            )
+    return records
+
+
+def read_ieee8023(root: str | Path, source: str = "ieee8023-noncovid") -> list[Record]:
+    """ieee8023 case-report collection: ``root/metadata.csv`` (file, patientid, age, finding, view, ...)."""
+    root = Path(root)
+    csv_path = root / "metadata.csv"
+    records: list[Record] = []
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            path = root / row["file"].strip()
+            if not path.exists():
+                raise FileNotFoundError(f"{csv_path}: listed image missing: {path}")
+            age = row.get("age", "").strip()
+            population = "paediatric" if age.isdigit() and int(age) < 18 else "adult"
+            records.append(
+                Record(
+                    path=path,
+                    source=source,
+                    patient_id=f"{source}:{row['patientid'].strip() or path.stem}",
+                    labels=ieee8023_noncovid_labels(row.get("finding", "")),
+                    population=population,
+                    raw_label=row.get("finding", "").strip(),
+                    view=row.get("view", "").strip().upper(),
+                    extra={"age": age, "sex": row.get("sex", "").strip(), "license": row.get("license", "").strip()},
+                )
+            )
+    return records
+
+
 READERS = {
     "folder_per_class": read_folder_per_class,
     "nih_csv": read_nih_csv,
     "covid_metadata": read_covid_metadata,
     "labels_csv": read_labels_csv,
+    "rsna_normals": read_rsna_normals,
+    "ieee8023": read_ieee8023,
 }
 
 
@@ -205,6 +270,8 @@ def read_shared_data(root: str | Path) -> list[Record]:
     records += read_covid_metadata(root / "covid" / "actualmed", source="covid-actualmed")
     records += read_covid_metadata(root / "covid" / "figure1", source="covid-figure1")
     records += read_labels_csv(root / "covid" / "hannover", source="covid-hannover")
+    records += read_rsna_normals(root / "adult-normals-rsna", source="rsna-normals")
+    records += read_ieee8023(root / "ieee8023-noncovid", source="ieee8023-noncovid")
     return records
 
 
@@ -233,8 +300,10 @@ __all__ = [
     "read_covid_metadata",
     "read_dataset",
     "read_folder_per_class",
+    "read_ieee8023",
     "read_labels_csv",
     "read_nih_csv",
+    "read_rsna_normals",
     "read_shared_data",
     "summarize",
 ]
