@@ -9,6 +9,9 @@ in order, and the DICOM attributes each reads, are documented in docs/pixel-path
 3. Modality LUT (Modality LUT Sequence, else Rescale Slope/Intercept)    -> voi.py
 4. VOI LUT (VOI LUT Sequence, else Window Center/Width + VOI LUT Function,
    else a 1..99 percentile window excluding Pixel Padding Value/Range)  -> voi.py
+   One rule for every image without a VOI, whatever it arrives in: a DICOM without VOI
+   attributes, a PNG, a JPEG, grey or colour, all get the percentile window, so the same
+   pixels give the same tensor as a PNG in training and as a DICOM at the PACS.
 5. MONOCHROME1 inversion, after VOI
 6. colour (RGB/YBR) to luminance
 7. letterbox resize to the model input                                    -> resize.py
@@ -44,7 +47,7 @@ from dicom_io.voi import (
 )
 from worker.config import PixelsConfig
 
-PIPELINE_VERSION = "xtpx-1"
+PIPELINE_VERSION = "xtpx-2"
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_DISPLAY_SIZE = 1024
 # ITU-R BT.601 luma, the weights JPEG's YCbCr (and so YBR_FULL) is defined with.
@@ -147,9 +150,11 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _full_range(bits: int) -> Window:
-    top = float((1 << bits) - 1)
-    return Window(source="full range", function="LINEAR_EXACT", center=top / 2.0, width=top)
+def _percentile_step(window: Window) -> str:
+    return (
+        f"VOI: none in the file: percentile {PERCENTILE_LOW:g}-{PERCENTILE_HIGH:g} window, "
+        f"centre {window.center:g} width {window.width:g}"
+    )
 
 
 def _decode_step(dec: Decoded) -> str:
@@ -184,14 +189,18 @@ def render(dec: Decoded) -> PixelResult:
 
 
 def _colour_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
-    """Colour images are display-ready (no Modality/VOI LUT applies to them): full range,
-    then luma.  Both are linear, so luma is computed first, on the integers."""
+    """Colour images carry no Modality/VOI LUT: luma, then the same percentile window as
+    every other VOI-less image (a grey film saved as RGB must score like the grey file).
+    Both steps are linear, so luma is computed first, on the integers."""
     bits = min(dec.bits_stored, 16) if dec.kind == "dicom" else 8
-    window = _full_range(bits)
-    a, b = window_affine(window)
     grey = is_grey_rgb(dec.array)
-    steps.append(f"VOI: full range 0..{(1 << bits) - 1}")
     steps.append("colour: grey stored as RGB, one channel used" if grey else "colour: RGB to luminance (BT.601)")
+    # sampled per plane, so a grey film stored as RGB is sampled at the grey file's grid
+    sample = np.stack([subsample(dec.array[..., c]) for c in range(dec.array.shape[-1])], axis=-1)
+    sample = mask_bits(np.array(sample), bits, False) if dec.kind == "dicom" else sample
+    window = percentile_window(sample[..., 0] if grey else luminance(sample))
+    a, b = window_affine(window)
+    steps.append(_percentile_step(window))
 
     def transform(strip: np.ndarray) -> np.ndarray:
         strip = mask_bits(strip, bits, False) if dec.kind == "dicom" else strip
@@ -232,17 +241,11 @@ def _grey_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
         window = header_window(ds.get("WindowCenter"), ds.get("WindowWidth"), ds.get("VOILUTFunction"))
         if window is not None:
             steps.append(f"VOI: Window Center {window.center:g} / Width {window.width:g} {window.function} (first)")
-    if window is None and ds is None and arr.dtype == np.uint8:
-        window = _full_range(8)
-        steps.append("VOI: none in a header-less 8-bit image: full range 0..255 (already rendered for display)")
     if window is None:
         sample = subsample(arr)
         sample = mask_bits(np.array(sample), bits, signed) if do_mask else sample
         window = _auto_window(sample, ds, mlut, slope, intercept)
-        steps.append(
-            f"VOI: percentile {PERCENTILE_LOW:g}-{PERCENTILE_HIGH:g} window, centre {window.center:g} "
-            f"width {window.width:g} (Pixel Padding excluded)"
-        )
+        steps.append(_percentile_step(window) + (" (Pixel Padding excluded)" if ds is not None else ""))
 
     # Step 5: MONOCHROME1 inversion after VOI (composed into the affine when possible).
     invert = dec.photometric == "MONOCHROME1"

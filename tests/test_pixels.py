@@ -20,6 +20,7 @@ from dicom_io.pixels import (
     to_model_tensor,
 )
 from dicom_io.resize import fit_shape
+from tests.conftest import shared_file
 from tests.plugins.pixels import dataset_bytes, dicom_from_pixels
 
 # JPEG 2000 lossy (RG1_J2KI) against the uncompressed original, on the [0, 1] tensor:
@@ -116,19 +117,35 @@ def test_monochrome2_copy_of_windowed_monochrome1(nema_path) -> None:
 
 
 def test_16bit_dicom_of_kermany_image_equals_the_image(kermany_jpeg) -> None:
-    """A 16-bit MONOCHROME2 DICOM whose LINEAR_EXACT window spans the full range renders
-    like the 8-bit original: v*257/65535 == v/255."""
+    """A 16-bit MONOCHROME2 DICOM without VOI of a JPEG's pixels (v*257) gets the same
+    percentile rule as the JPEG, in its own units, so it renders like the 8-bit original."""
     grey = np.asarray(Image.open(kermany_jpeg).convert("L"))
-    ds = dicom_from_pixels(
-        grey.astype(np.uint16) * 257,
-        WindowCenter=32767.5,
-        WindowWidth=65535,
-        VOILUTFunction="LINEAR_EXACT",
-    )
+    ds = dicom_from_pixels(grey.astype(np.uint16) * 257)
     np.testing.assert_allclose(to_model_tensor(ds), to_model_tensor(kermany_jpeg), atol=1e-5)
     png = io.BytesIO()
     Image.fromarray(grey).save(png, format="PNG")
     np.testing.assert_allclose(to_model_tensor(png.getvalue()), to_model_tensor(kermany_jpeg), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("nih-findings", "images", "00000075_000.png"),
+        ("adult-normals-rsna", "images", "Normal-2.jpg"),
+        ("ieee8023-noncovid", "images", "ARDSSevere.jpg"),
+    ],
+)
+def test_voi_less_dicom_scores_like_the_png_or_jpeg_of_its_pixels(parts) -> None:
+    """One rule for every image without a VOI: an 8-bit DICOM of a real PNG's or JPEG's pixels
+    gives the same tensor as the file itself (before, DICOM got a percentile window and PNG/JPEG
+    the full range, so a model trained on PNGs was served other pixels from the PACS)."""
+    path = shared_file(*parts)
+    grey = np.asarray(Image.open(path).convert("L"))
+    ds = dicom_from_pixels(grey, modality="OT")
+    assert load_image(ds).window.source == "percentile"
+    assert load_image(path).window.source == "percentile"
+    np.testing.assert_allclose(to_model_tensor(ds), to_model_tensor(path), atol=1e-6)
+    np.testing.assert_allclose(render_display(ds), render_display(path), atol=1)
 
 
 def test_grey_stored_as_rgb_equals_grey(nih_png) -> None:
@@ -144,16 +161,19 @@ def test_rgb_dicom_of_grey_equals_grey_dicom(nih_png) -> None:
     grey = np.asarray(Image.open(nih_png).convert("L"))
     rgb = np.repeat(grey[..., None], 3, axis=2)
     a = to_model_tensor(dicom_from_pixels(rgb, photometric="RGB"))
-    b = to_model_tensor(dicom_from_pixels(grey, WindowCenter=127.5, WindowWidth=255, VOILUTFunction="LINEAR_EXACT"))
+    b = to_model_tensor(dicom_from_pixels(grey))
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_true_colour_becomes_bt601_luma(nih_png) -> None:
     grey = np.asarray(Image.open(nih_png).convert("L")).astype(np.float32)
     rgb = np.stack([grey, grey * 0.5, grey * 0.25], axis=2).round().astype(np.uint8)
-    image = load_image(dicom_from_pixels(rgb, photometric="RGB")).image
-    expected = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255
-    np.testing.assert_allclose(image, expected, atol=1e-5)
+    result = load_image(dicom_from_pixels(rgb, photometric="RGB"))
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    # then the percentile window every VOI-less image gets
+    lo, hi = result.window.center - result.window.width / 2, result.window.center + result.window.width / 2
+    assert result.window.source == "percentile"
+    np.testing.assert_allclose(result.image, np.clip((luma - lo) / (hi - lo), 0, 1), atol=1e-5)
 
 
 def test_sixteen_bit_png_uses_percentile_window(nih_png) -> None:
