@@ -75,3 +75,18 @@ def test_train_val_test_folder_layout_is_honoured(shared_records, tmp_path):
     assert Counter(r.given_split for r in recs) == {"train": 12, "val": 6, "test": 4}
     assignment = patient_split(recs, seed=0, honour_given=True)
     assert all(assignment[r.patient_id] == r.given_split for r in recs)
+
+
+def test_per_source_fractions_give_small_collections_larger_holdouts(shared_records):
+    """NIH gets 30 % val and 30 % test (its within-collection sets are small), the rest 15 %."""
+    nih = (0.4, 0.3, 0.3)
+    recs = apply_split(shared_records, patient_split(shared_records, seed=1, fractions_by_source={"nih": nih}))
+    by = Counter((r.source, r.given_split) for r in recs)
+    total = sum(v for (s, _), v in by.items() if s == "nih")
+    assert 0.35 < by[("nih", "train")] / total < 0.45
+    assert 0.25 < by[("nih", "test")] / total < 0.35
+    kermany = sum(v for (s, _), v in by.items() if s == "kermany")
+    assert 0.6 < by[("kermany", "train")] / kermany < 0.8
+    nf_test = [r for r in recs if r.source == "nih" and r.raw_label == "No Finding" and r.given_split == "test"]
+    assert 25 <= len(nf_test) <= 35
+    assert leaked_patients(recs) == set()

@@ -14,7 +14,7 @@ import hashlib
 import os
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,14 +52,20 @@ def patient_split(
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     seed: int = 20260401,
     honour_given: bool = False,
+    fractions_by_source: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, str]:
     """Map patient_id -> split name.
 
     ``honour_given`` keeps a dataset's own train/val/test folders when it has them (the layout of
     earlier projects) instead of re-splitting; patients are still never split across folders.
+    ``fractions_by_source`` overrides the fractions for some sources: the within-collection
+    comparisons (NIH pneumonia or mass vs NIH "No Finding") have about a hundred images per
+    class in all, and a 15 % test share of them could not measure an AUC.
     """
-    if len(fractions) != len(SPLITS) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError("fractions must be three numbers (train, val, test) summing to 1")
+    by_source = {k: tuple(v) for k, v in (fractions_by_source or {}).items()}
+    for f in (fractions, *by_source.values()):
+        if len(f) != len(SPLITS) or abs(sum(f) - 1.0) > 1e-6:
+            raise ValueError("fractions must be three numbers (train, val, test) summing to 1")
     by_patient: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_patient[r.patient_id].append(r)
@@ -75,7 +81,8 @@ def patient_split(
     for key in sorted(strata):
         pids = sorted(strata[key])
         rng.shuffle(pids)
-        counts = _allocate(len(pids), fractions)
+        source = key.split(":", 1)[0]
+        counts = _allocate(len(pids), by_source.get(source, fractions))
         start = 0
         for name, c in zip(SPLITS, counts, strict=True):
             for pid in pids[start : start + c]:
