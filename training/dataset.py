@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -116,9 +116,11 @@ class BalancedBatches(keras.utils.PyDataset):
         steps: int = 100,
         group_fractions: dict[str, float] | None = None,
         seed: int = 0,
+        transform: BatchTransform | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.transform = transform
         self.x, self.y = x, y.astype("float32")
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         groups_arr = np.asarray(groups)
@@ -158,10 +160,67 @@ class BalancedBatches(keras.utils.PyDataset):
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         idx = np.sort(self._order[i * self.batch_size : (i + 1) * self.batch_size])
-        return self.x[idx].astype("float32"), self.y[idx]
+        x, y = self.x[idx].astype("float32"), self.y[idx].copy()
+        if self.transform is not None:
+            # (seed, epoch, step): a resumed run redraws exactly the same augmented batch
+            x, y = self.transform(x, y, idx, np.random.default_rng([self.seed, self.epoch, i, 1]))
+        return x, y
 
     def on_epoch_end(self) -> None:
         self.set_epoch(self.epoch + 1)
+
+
+BatchTransform = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+class TrainingTransform:
+    """What a training batch goes through on the CPU: synthetic nodules, then acquisition.
+
+    Synthetic nodules go into adult films labelled mass-negative (the RSNA normals most of all)
+    and turn that draw into a mass positive; they exist only inside training batches, so no
+    synthetic image can reach a validation or test figure.  Lung masks are computed once per
+    image, on first draw.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        nodule_eligible: np.ndarray,
+        acquisition: Any = None,
+        nodules: dict[str, Any] | None = None,
+    ) -> None:
+        self.x = x
+        self.eligible = np.asarray(nodule_eligible, dtype=bool)
+        self.acquisition = acquisition
+        self.nodules = dict(nodules or {})
+        self.p_nodule = float(self.nodules.pop("probability", 0.0))
+        self._masks: dict[int, np.ndarray] = {}
+
+    def _mask(self, i: int) -> np.ndarray:
+        from training.synthetic_nodules import lung_mask
+
+        if i not in self._masks:
+            self._masks[i] = lung_mask(np.asarray(self.x[i, ..., 0], dtype=np.float32))
+        return self._masks[i]
+
+    def __call__(
+        self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        mass = FINDING_NAMES.index("mass")
+        if self.p_nodule > 0:
+            from training.synthetic_nodules import add_synthetic_nodule
+
+            for k, i in enumerate(idx):
+                if self.eligible[i] and y[k, mass] == 0 and rng.random() < self.p_nodule:
+                    img, spec = add_synthetic_nodule(x[k, ..., 0], rng, mask=self._mask(int(i)), **self.nodules)
+                    if spec is not None:
+                        x[k, ..., 0] = img
+                        y[k, mass] = 1.0
+        if self.acquisition is not None:
+            from training.acquisition import augment_batch
+
+            x = augment_batch(x, self.acquisition, rng)
+        return x, y
 
 
 def balanced_class_weights(y: np.ndarray, sample_weight: np.ndarray, clip: float = 20.0) -> np.ndarray:
@@ -215,6 +274,7 @@ __all__ = [
     "FINDING_NAMES",
     "BalancedBatches",
     "MaskedBinaryCrossentropy",
+    "TrainingTransform",
     "balanced_class_weights",
     "load_tensors",
     "record_labels",
