@@ -80,7 +80,7 @@ def _print_results(model: Any, results: list[Any], as_json: bool) -> None:
         for f in FINDING_NAMES:
             if f in r.scores:
                 mark = "FLAG" if r.flags.get(f) else "    "
-                print(f"  {mark} {f:<10} {r.scores[f]:.3f}  (threshold {model.threshold(f):.3f})")
+                print(f"  {mark} {f:<10} {r.scores[f]:.3f}  (threshold {model.threshold(f, r.population):.3f})")
 
 
 def register_commands(add: AddFn) -> None:
@@ -94,7 +94,11 @@ def register_commands(add: AddFn) -> None:
     p.add_argument("--model", required=True, help="model folder or .keras file")
     p.add_argument("--data", required=True, help="split CSV, a dataset folder, or the shared data root")
     p.add_argument("--finding", choices=FINDING_NAMES, help="only this finding (default: all)")
-    p.add_argument("--split", default="val", help="split to report when --data is a split CSV (default val)")
+    p.add_argument(
+        "--split",
+        default="val",
+        help="split to report when --data is a split CSV: train, val, test, holdout (val+test) or all (default val)",
+    )
     p.add_argument("--out", help="report folder (default: <model folder>/report)")
     p.add_argument("--compare", help="another model to evaluate on the same images (e.g. the baseline)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for AUC intervals")
