@@ -12,6 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.card_sections import (
+    COLLECTIONS_TITLE,
+    render_collection_report,
+    render_localisation,
+    render_thresholds_by_population,
+)
 from models.findings import DISCLAIMER, FINDING_NAMES, FINDINGS
 
 INTENDED_USE = (
@@ -42,7 +48,16 @@ class ModelCard:
     internal_size: int | None = None
     preprocessing_version: str = ""
     parameters: int = 0
+    # The adult/default operating point: used for every population without its own entry below.
     thresholds: dict[str, float] = field(default_factory=dict)
+    # Operating points per population (models.operating_points: "adult", "paediatric"), e.g.
+    # {"paediatric": {"pneumonia": 0.7}}: one threshold chosen on a mixed validation set gives a
+    # different sensitivity on children and adults.  A finding missing here falls back to
+    # `thresholds`; cards written before this field load with it empty.
+    thresholds_by_population: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per finding, the adult within-collection AUC (test split) whether it may steer a worklist
+    # is decided on (worker.triage.steering_findings); empty on cards made before it existed.
+    steering_evidence: dict[str, dict[str, Any]] = field(default_factory=dict)
     target_sensitivity: float = 0.95
     calibration: dict[str, Any] = field(default_factory=dict)
     training_data: list[dict[str, Any]] = field(default_factory=list)
@@ -128,7 +143,15 @@ def render_markdown(card: ModelCard) -> str:
         f"`{card.preprocessing_version}` (letterboxed); backbone resolution {card.internal_size or card.input_size}",
         f"- Findings (one sigmoid score each): {', '.join(card.findings)}",
         f"- Created: {card.created}",
-        "",
+    ]
+    # Within-collection figures come before anything pooled: pooled AUCs mix collections and can
+    # be won by recognising the collection, so they are not what a reader should see first.
+    # The test split first: validation also chose the checkpoint and the thresholds.
+    for split_name, m in (("test", card.test_metrics), ("validation", card.validation_metrics)):
+        if m and m.get("collections"):
+            lines += ["", *render_collection_report(m["collections"], title=f"{COLLECTIONS_TITLE}: {split_name}")]
+    lines += ["", *render_localisation((card.test_metrics or {}).get("synthetic_nodules") or {})]
+    lines += [
         "## Findings and operating thresholds",
         "",
         f"Thresholds were chosen on the validation split for sensitivity >= {card.target_sensitivity:.2f}.",
@@ -139,6 +162,9 @@ def render_markdown(card: ModelCard) -> str:
     for f in FINDINGS:
         if f.name in card.findings:
             lines.append(f"| {f.name} | {f.description} | {_fmt(card.thresholds.get(f.name))} |")
+    by_population = render_thresholds_by_population(getattr(card, "thresholds_by_population", None))
+    if by_population:
+        lines += ["", *by_population]
     lines += ["", "## Intended use", "", card.intended_use, "", "## Limitations", ""]
     lines += [f"- {lim}" for lim in card.limitations]
     lines += ["", "## Training data", ""]
@@ -172,7 +198,7 @@ def render_markdown(card: ModelCard) -> str:
         ]
     for title, m in (("Validation metrics", card.validation_metrics), ("Test metrics", card.test_metrics)):
         if m:
-            lines += ["", f"## {title}", "", *metrics_table(m.get("overall", m))]
+            lines += ["", f"## {title} (pooled over all collections)", "", *metrics_table(m.get("overall", m))]
             for pop, pm in m.get("by_population", {}).items():
                 lines += ["", f"### {title}: {pop} only", "", *metrics_table(pm)]
     lines += ["", f"_{card.disclaimer}_", ""]

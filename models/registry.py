@@ -7,6 +7,7 @@ another is chosen with the ``XRAY_TRIAGE_MODEL`` environment variable (a folder 
     model = TriageModel.load()                    # once per process
     scores = model.score_tensors(batch)           # (n, 224, 224, 1) -> list of {finding: p}
     result = model.score_files(["a.dcm", "b.png"])  # eligibility + pixels + scores + flags
+    model.thresholds("paediatric")                # the card's operating point for a population
     maps, _ = model.heatmaps(batch, "pneumonia")  # (n, 1, 224, 224) in [0, 1]
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from models.card import ModelCard
 from models.findings import DISCLAIMER, FINDING_NAMES, get_finding
+from models.operating_points import ADULT, decide_population
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,11 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
 
 @dataclass
 class ImageResult:
-    """One scored file, in the shape `predict --json` prints."""
+    """One scored file, in the shape `predict --json` prints.
+
+    ``population`` is the operating point the flags were decided at; it is not a key of the
+    JSON (whose shape is a stable interface): the JSON names it in ``flags["notes"]``.
+    """
 
     path: str
     eligible: bool
@@ -66,6 +72,7 @@ class ImageResult:
     scores: dict[str, float] | None
     flags: dict[str, Any] = field(default_factory=dict)
     model: str = ""
+    population: str = ADULT
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,8 +117,21 @@ class TriageModel:
     def input_size(self) -> int:
         return int(self.card.input_size)
 
-    def threshold(self, finding: str) -> float:
+    def threshold(self, finding: str, population: str = ADULT) -> float:
+        """The card's operating threshold for a finding at a population's operating point.
+
+        The population's own threshold when the card has one (``thresholds_by_population``),
+        else the card's default (adult) one, else the finding's built-in default, so an old
+        card or a population the card does not know is judged exactly as before.
+        """
+        specific = (self.card.thresholds_by_population or {}).get(population) or {}
+        if finding in specific:
+            return float(specific[finding])
         return float(self.card.thresholds.get(finding, get_finding(finding).default_threshold))
+
+    def thresholds(self, population: str = ADULT) -> dict[str, float]:
+        """Every finding's threshold at a population's operating point (see ``threshold``)."""
+        return {f: self.threshold(f, population) for f in self.card.findings}
 
     def predict_tensors(self, batch: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """(n, H, W, 1) pixel-path tensors -> (n, n_findings) probabilities."""
@@ -127,9 +147,9 @@ class TriageModel:
         probs = self.predict_tensors(batch, batch_size)
         return [{f: float(p[i]) for i, f in enumerate(self.card.findings)} for p in probs]
 
-    def flags(self, scores: dict[str, float]) -> dict[str, bool]:
-        """Score >= the card's operating threshold (chosen for the target sensitivity)."""
-        return {f: bool(s >= self.threshold(f)) for f, s in scores.items()}
+    def flags(self, scores: dict[str, float], population: str = ADULT) -> dict[str, bool]:
+        """Score >= the card's operating threshold for the population (chosen for the target sensitivity)."""
+        return {f: bool(s >= self.threshold(f, population)) for f, s in scores.items()}
 
     def heatmaps(self, batch: np.ndarray, findings: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         from models.gradcam import gradcam
@@ -137,7 +157,13 @@ class TriageModel:
         return gradcam(self.keras_model, batch, findings)
 
     def score_files(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 16) -> list[ImageResult]:
-        """Eligibility, pixel path and scores for files (DICOM, PNG, JPEG), one result per file."""
+        """Eligibility, pixel path and scores for files (DICOM, PNG, JPEG), one result per file.
+
+        Each DICOM file is flagged at the operating point of its patient's population, decided
+        from its header by ``models.operating_points.decide_population`` (the rule the worker
+        uses too); PNG and JPEG files have no header and get the adult point.  The choice and
+        its reason are the last line of ``flags["notes"]``.
+        """
         from dicom_io.pixels import to_model_tensor
 
         results: list[ImageResult] = []
@@ -151,7 +177,9 @@ class TriageModel:
                 elig = _eligibility(header, rules)
                 res.eligible = bool(elig.eligible)
                 res.reason = elig.reason
-                res.flags = {"notes": list(getattr(elig, "flags", ()))}
+                point = decide_population(header)
+                res.population = point.population
+                res.flags = {"notes": [*getattr(elig, "flags", ()), point.note]}
                 tensors.append(to_model_tensor(pixel_source, size=self.input_size))
                 slots.append(len(results))
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
@@ -163,7 +191,7 @@ class TriageModel:
             for slot, s in zip(slots, scored, strict=True):
                 r = results[slot]
                 r.scores = s
-                flags = self.flags(s) if r.eligible else {f: False for f in s}
+                flags = self.flags(s, r.population) if r.eligible else {f: False for f in s}
                 r.flags = {**flags, **r.flags, "disclaimer": DISCLAIMER}
         return results
 

@@ -24,6 +24,7 @@ from worker.triage import (
     explain,
     flagged_findings,
     sort_key,
+    steering_explanation,
     steering_findings,
     thresholds_for,
     top_finding,
@@ -251,11 +252,87 @@ def test_informational_findings_are_flagged_and_named_but_leave_the_level() -> N
     assert d.priority_reason.startswith("urgent: pneumonia 0.70 ≥ 0.54; informational")
 
 
-def test_the_shipped_card_keeps_mass_informational() -> None:
+def test_weak_within_collection_evidence_does_not_steer() -> None:
+    """A finding whose adult within-collection AUC interval reaches down to chance is shown
+    but does not steer, however good its specificity; no interval at all is weak evidence."""
+    cfg = TriageConfig()
+    spec = {"pneumonia": 0.9, "mass": 0.9, "covid19": 0.9}
+    evidence = {
+        "pneumonia": {
+            "comparison": "NIH pneumonia/consolidation vs NIH No Finding",
+            "auc": 0.82,
+            "auc_ci95": [0.71, 0.91],
+        },
+        "mass": {"comparison": "NIH mass/nodule vs NIH No Finding", "auc": 0.62, "auc_ci95": [0.49, 0.74]},
+        "covid19": {"comparison": "Actualmed COVID-19 vs no finding", "auc": None, "auc_ci95": None},
+    }
+    assert steering_findings(spec, cfg, evidence) == {"pneumonia"}
+    assert steering_findings(spec, cfg) == set(spec)  # an old card without evidence: specificity alone
+    assert steering_findings(spec, TriageConfig(min_steering_within_auc=0.45), evidence) == {"pneumonia", "mass"}
+    assert steering_findings(spec, TriageConfig(thresholds={"mass": 0.4}), evidence) == {"pneumonia", "mass"}
+    # a finding the card lists no evidence for at all has none
+    assert steering_findings(spec, cfg, {"pneumonia": evidence["pneumonia"]}) == {"pneumonia"}
+    why = {f: steering_explanation(f, spec, cfg, evidence) for f in spec}
+    assert why["pneumonia"].startswith("steers: NIH pneumonia")
+    assert "weak adult evidence" in why["mass"] and "[0.49, 0.74]" in why["mass"]
+    assert "too few images" in why["covid19"]
+    assert "specificity 0.30" in steering_explanation("mass", {**spec, "mass": 0.3}, cfg, evidence)
+    assert steering_explanation("mass", spec, TriageConfig(thresholds={"mass": 0.4}), evidence).startswith("steers")
+
+
+def test_the_shipped_card_steers_only_on_its_evidence() -> None:
     from models.card import ModelCard
     from models.registry import DEFAULT_MODEL_DIR
-    from worker.scoring import card_specificity
+    from worker.config import Settings
+    from worker.scoring import card_evidence, card_specificity, card_steering
 
-    spec = card_specificity(ModelCard.load(DEFAULT_MODEL_DIR / "card.json"))
+    card = ModelCard.load(DEFAULT_MODEL_DIR / "card.json")
+    spec = card_specificity(card)
+    evidence = card_evidence(card)
     assert set(spec) == {"pneumonia", "mass", "covid19"} and all(v is not None for v in spec.values())
-    assert steering_findings(spec, TriageConfig()) == {"pneumonia", "covid19"}
+    assert evidence is not None and set(evidence) == set(spec)
+    steering = card_steering(card, Settings())
+    for f in spec:
+        ci = evidence[f]["auc_ci95"]
+        holds = bool(ci) and ci[0] >= TriageConfig().min_steering_within_auc and spec[f] >= 0.5
+        assert (f in steering) == holds, f
+
+
+def test_each_instance_is_judged_at_its_own_operating_point() -> None:
+    """A child's film carries the paediatric thresholds it was flagged at; the study judges it at those."""
+    cfg = TriageConfig()
+    paediatric = {"pneumonia": 0.7, "mass": 0.3, "covid19": 0.2}
+    child = InstanceOutcome(
+        "1.1", "scored", scores={"pneumonia": 0.6, "mass": 0.1, "covid19": 0.25}, thresholds=paediatric
+    )
+    adult = InstanceOutcome("1.2", "scored", scores={"pneumonia": 0.38, "mass": 0.1, "covid19": 0.1})
+    # At the study-wide (adult) CARD point the child's pneumonia 0.60 would be urgent; at its own 0.70 it is not,
+    # while its covid19 0.25 reaches the paediatric 0.20 (adult 0.50).
+    d = decide([child, adult], CARD, cfg)
+    assert d.priority == Level.URGENT
+    assert d.priority_reason == "urgent: covid19 0.25 ≥ 0.20"
+    assert (d.top_finding, d.top_score, d.flagged_findings) == ("covid19", 0.25, ",covid19,")
+    assert flagged_findings([child, adult], CARD) == ",covid19,"
+    # Without its own thresholds the same film is judged at the study's, exactly as before.
+    plain = InstanceOutcome("1.1", "scored", scores=child.scores)
+    d = decide([plain, adult], CARD, cfg)
+    assert d.priority_reason == "urgent: pneumonia 0.60 ≥ 0.41" and d.flagged_findings == ",pneumonia,"
+    # One population: carrying the study's own thresholds changes nothing.
+    same = InstanceOutcome("1.1", "scored", scores=child.scores, thresholds=CARD)
+    assert decide([same, adult], CARD, cfg) == decide([plain, adult], CARD, cfg)
+
+
+def test_per_instance_thresholds_and_steering_together() -> None:
+    cfg = TriageConfig()
+    spec_low = {"pneumonia", "covid19"}  # mass informational, as with the shipped card
+    paediatric = {"pneumonia": 0.8, "mass": 0.05, "covid19": 0.6}
+    child = InstanceOutcome(
+        "1.1", "scored", scores={"pneumonia": 0.5, "mass": 0.1, "covid19": 0.1}, thresholds=paediatric
+    )
+    d = decide([child], CARD, cfg, steering=spec_low)
+    assert d.priority == Level.ROUTINE  # pneumonia 0.50 is below the child's 0.80 though above the adult 0.41
+    assert d.priority_reason == (
+        "routine: no finding above threshold (closest: pneumonia 0.50 < 0.80); "
+        "informational, not steering: mass 0.10 ≥ 0.05"
+    )
+    assert d.flagged_findings == ",mass,"

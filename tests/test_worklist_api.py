@@ -453,6 +453,12 @@ def test_admin_pages_need_the_admin_role(worklist: WorklistApp) -> None:
     page = it.get("/admin")
     assert page.status_code == 200 and 'href="/admin"' in page.text
     assert worklist.settings.queues.urgent in page.text
+    # why each finding does or does not steer, from the card's within-collection evidence
+    reasons = status["model"]["steering_reasons"]
+    assert set(reasons) == {"pneumonia", "mass", "covid19"}
+    for f, why in reasons.items():
+        assert why.startswith("steers") == (f in status["model"]["steering"]), (f, why)
+    assert 'id="steering-reasons"' in page.text and 'id="paediatric-thresholds"' in page.text
 
 
 def test_admin_status_masks_secrets(make_worklist, backend) -> None:
@@ -1012,6 +1018,36 @@ def test_analyse_scores_real_uploads_without_storing_them(make_worklist) -> None
     with wl.factory() as session:  # nothing became a study
         assert session.scalar(select(func.count()).select_from(Study)) == 0
     assert [e.action for e in wl.audit() if e.action == "analyse"] == ["analyse"] * 3
+
+
+def test_analyse_judges_a_child_at_the_paediatric_operating_point(make_worklist, tmp_path) -> None:
+    """The same rule as the worker and `predict`: Patient's Age under 18 picks the card's
+    paediatric thresholds; no age (or a PNG/JPEG) the adult ones."""
+    import pydicom
+
+    from models.registry import get_model
+    from tests.conftest import pydicom_data_file
+
+    wl = make_worklist()
+    client, token = wl.logged_in("alice")
+    headers = {"X-CSRF-Token": token}
+    model = get_model()
+    ds = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"))
+    bodies = {}
+    for age in ("006Y", "045Y"):
+        ds.PatientAge = age
+        path = tmp_path / f"rg1-{age}.dcm"
+        ds.save_as(path)
+        r = client.post("/api/analyse", files={"file": (path.name, path.read_bytes())}, headers=headers)
+        assert r.status_code == 200, r.text
+        bodies[age] = r.json()
+    child, adult = bodies["006Y"], bodies["045Y"]
+    assert "operating point: paediatric (Patient's Age 006Y)" in child["notes"]
+    assert "operating point: adult (Patient's Age 045Y)" in adult["notes"]
+    assert child["thresholds"] == model.thresholds("paediatric")
+    assert adult["thresholds"] == model.thresholds("adult")
+    assert child["thresholds"] != adult["thresholds"]  # the shipped card has a paediatric point
+    assert child["scores"] == adult["scores"]  # same pixels, only the operating point differs
 
 
 def test_analyse_rejects_unreadable_and_empty_uploads(make_worklist) -> None:

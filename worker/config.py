@@ -189,6 +189,11 @@ class TriageConfig(_Section):
     # finding is still scored, flagged, shown and filterable; a site threshold for it in
     # `thresholds` (checked on its own data) makes it steer again.
     min_steering_specificity: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # ... and only if the evidence that it works on adults is not weak: the lower end of the
+    # 95 % interval of its adult within-collection AUC (model card `steering_evidence`, test
+    # split: e.g. NIH pneumonia vs NIH "No Finding") must reach this.  Pooled AUCs do not count:
+    # they can be won by recognising collections.  A site threshold override steers regardless.
+    min_steering_within_auc: Annotated[float, Field(ge=0, le=1)] = 0.6
     # A study waiting longer than this (minutes since its first instance) rises one level.
     escalate_after_min: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: {"routine": 240.0, "urgent": 60.0}

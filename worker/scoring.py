@@ -6,6 +6,11 @@ writes the results and the study's final state in ONE transaction.  Results are 
 (instance, model version) and inserted with ON CONFLICT DO NOTHING, so a redelivered or
 re-queued task never writes an instance twice; instances already stored are not re-scored.
 
+Each instance is flagged at its own operating point: the population its DICOM header gives
+(``models.operating_points``, the rule ``xray-triage predict`` uses too) picks the card's
+thresholds, with the site's overrides on top; those thresholds are stored with its result and
+are the ones the study decision judges it at.
+
 Per-instance failures that cannot get better by retrying (undecodable pixels, a file that is
 not DICOM) become that instance's ``failed`` outcome; database and broker errors propagate
 so the task can retry them.
@@ -17,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Instance, InstanceResult, Series, Study, StudyState
 from db.session import dialect_insert
+from models.operating_points import ADULT, POPULATIONS, PopulationDecision, decide_population
 from worker.config import Settings
 from worker.triage import Decision, InstanceOutcome, decide, flags_for, steering_findings, thresholds_for
 
@@ -49,6 +56,15 @@ class StudyWork:
     queued_at: datetime | None
     instances: list[PendingInstance]  # latest version of each SOP Instance UID
     done: list[InstanceOutcome]  # already stored for this model (a redelivery)
+
+
+@dataclass(frozen=True)
+class ReadInstance:
+    """An instance after reading: its tensor and population when eligible, else its outcome."""
+
+    tensor: np.ndarray | None
+    outcome: InstanceOutcome | None
+    point: PopulationDecision | None = None  # decided from the header the pixels came from
 
 
 @dataclass
@@ -90,7 +106,10 @@ def pending_instances(session: Session, study_id: int, model_ref: str) -> StudyW
         inst = PendingInstance(int(r[0]), str(r[1]), str(r[2]), r[3])
         if inst.instance_id in stored:
             res = stored[inst.instance_id]
-            done.append(InstanceOutcome(inst.sop_instance_uid, res.outcome, res.reason, res.scores or {}))
+            # Judged at the thresholds it was flagged at, stored with it, not re-derived.
+            done.append(
+                InstanceOutcome(inst.sop_instance_uid, res.outcome, res.reason, res.scores or {}, res.thresholds)
+            )
         else:
             todo.append(inst)
     return StudyWork(study_id, str(study[0]), study[1], todo, done)
@@ -99,8 +118,11 @@ def pending_instances(session: Session, study_id: int, model_ref: str) -> StudyW
 # --------------------------------------------------------------------------- pipeline
 
 
-def _read(inst: PendingInstance, settings: Settings, size: int) -> tuple[np.ndarray | None, InstanceOutcome | None]:
-    """(tensor, None) for an eligible instance, else (None, its ineligible/failed outcome)."""
+def _read(inst: PendingInstance, settings: Settings, size: int) -> ReadInstance:
+    """Tensor and population for an eligible instance, else its ineligible/failed outcome.
+
+    The population is decided from the same dataset the pixels come from: the file is read once.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -113,16 +135,17 @@ def _read(inst: PendingInstance, settings: Settings, size: int) -> tuple[np.ndar
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        return None, InstanceOutcome(uid, "failed", f"unreadable DICOM: {type(exc).__name__}")
+        return ReadInstance(None, InstanceOutcome(uid, "failed", f"unreadable DICOM: {type(exc).__name__}"))
     elig = check_eligibility(ds, settings.eligibility)
     if not elig.eligible:
-        return None, InstanceOutcome(uid, "ineligible", elig.reason)
+        return ReadInstance(None, InstanceOutcome(uid, "ineligible", elig.reason))
     try:
-        return to_model_tensor(ds, size=size, limits=settings.pixels), None
+        tensor = to_model_tensor(ds, size=size, limits=settings.pixels)
     except PixelError as exc:
-        return None, InstanceOutcome(uid, "failed", f"{type(exc).__name__}: {exc}")
+        return ReadInstance(None, InstanceOutcome(uid, "failed", f"{type(exc).__name__}: {exc}"))
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one file is permanent for that file
-        return None, InstanceOutcome(uid, "failed", f"pixel data not decodable: {type(exc).__name__}")
+        return ReadInstance(None, InstanceOutcome(uid, "failed", f"pixel data not decodable: {type(exc).__name__}"))
+    return ReadInstance(tensor, None, decide_population(ds))
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
@@ -150,9 +173,26 @@ def heatmap_path(settings: Settings, study_uid: str, sop_uid: str, finding: str)
     return Path(settings.worker.heatmap_dir) / _safe(study_uid) / f"{_safe(sop_uid)}.{finding}.png"
 
 
-def model_thresholds(model: Any, settings: Settings) -> dict[str, float]:
-    """The thresholds in force: the model card's, overridden per site by ``triage.thresholds``."""
-    return thresholds_for({f: model.threshold(f) for f in model.card.findings}, settings.triage)
+def model_thresholds(model: Any, settings: Settings, population: str = ADULT) -> dict[str, float]:
+    """The thresholds in force for a population: the card's operating point for it, overridden per site.
+
+    A site override in ``triage.thresholds`` wins for every population: the site chose that
+    operating point on its own data.
+    """
+    return thresholds_for(model.thresholds(population), settings.triage)
+
+
+def operating_points(model: Any, settings: Settings) -> dict[str, dict[str, float]]:
+    """The thresholds in force for every population, computed once per study, not once per instance."""
+    return {p: model_thresholds(model, settings, p) for p in POPULATIONS}
+
+
+def instance_thresholds(
+    point: PopulationDecision | None, points: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """The thresholds one instance is flagged and judged at: its population's, else the adult ones."""
+    population = point.population if point is not None else ADULT
+    return dict(points.get(population, points[ADULT]))
 
 
 def card_specificity(card: Any) -> dict[str, float | None]:
@@ -165,15 +205,28 @@ def card_specificity(card: Any) -> dict[str, float | None]:
     return out
 
 
+def card_steering(card: Any, settings: Settings) -> frozenset[str]:
+    """Findings of the model with this card allowed to raise priority at this site."""
+    return steering_findings(card_specificity(card), settings.triage, card_evidence(card))
+
+
+def card_evidence(card: Any) -> dict[str, Any] | None:
+    """The card's adult within-collection evidence per finding; None on cards made before it."""
+    return getattr(card, "steering_evidence", None) or None
+
+
 def model_steering(model: Any, settings: Settings) -> frozenset[str]:
     """Findings of this model allowed to raise priority at this site."""
-    return steering_findings(card_specificity(model.card), settings.triage)
+    return card_steering(model.card, settings)
 
 
 def run_pipeline(
-    model: Any, work: StudyWork, settings: Settings, thresholds: dict[str, float]
+    model: Any, work: StudyWork, settings: Settings, points: Mapping[str, Mapping[str, float]]
 ) -> tuple[list[ResultRow], float]:
     """Score every pending instance in batches; returns rows and the forward-pass seconds.
+
+    `points` are the thresholds in force per population (``operating_points``); each instance
+    is flagged, given heatmaps and stored at its own population's (``instance_thresholds``).
 
     Heatmaps are stored as RGBA PNGs of the map alone (``models.gradcam.colorize``), 224x224
     like the model tensor, letterbox padding included: the viewer crops them with
@@ -183,22 +236,23 @@ def run_pipeline(
 
     findings = list(model.card.findings)
     rows: list[ResultRow] = []
-    ready: list[tuple[PendingInstance, np.ndarray]] = []
+    ready: list[tuple[PendingInstance, np.ndarray, dict[str, float]]] = []
     for inst in work.instances:
-        tensor, outcome = _read(inst, settings, model.input_size)
-        if outcome is not None:
+        read = _read(inst, settings, model.input_size)
+        if read.outcome is not None or read.tensor is None:
+            outcome = read.outcome or InstanceOutcome(inst.sop_instance_uid, "failed", "no pixel data")
             rows.append(ResultRow(inst, outcome, None, None, None))
         else:
-            ready.append((inst, tensor))  # type: ignore[arg-type]
+            ready.append((inst, read.tensor, instance_thresholds(read.point, points)))
     forward_s = 0.0
     bs = settings.worker.batch_size
     for start in range(0, len(ready), bs):
         chunk = ready[start : start + bs]
-        x = np.stack([t for _, t in chunk])
+        x = np.stack([t for _, t, _ in chunk])
         t0 = time.perf_counter()
         maps, probs = model.heatmaps(x, findings)  # one forward pass gives scores and every map
         forward_s += time.perf_counter() - t0
-        for i, (inst, _tensor) in enumerate(chunk):
+        for i, (inst, _tensor, thresholds) in enumerate(chunk):
             scores = {f: float(probs[i][j]) for j, f in enumerate(findings)}
             flags = flags_for(scores, thresholds)
             paths: dict[str, str] = {}
@@ -207,7 +261,7 @@ def run_pipeline(
                     path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
                     _write_png(path, colorize(maps[i, j]))
                     paths[f] = str(path)
-            outcome = InstanceOutcome(inst.sop_instance_uid, "scored", None, scores)
+            outcome = InstanceOutcome(inst.sop_instance_uid, "scored", None, scores, thresholds)
             rows.append(ResultRow(inst, outcome, flags, dict(thresholds), paths))
     return rows, forward_s
 
@@ -257,10 +311,14 @@ def store_results(
 def decide_study(
     work: StudyWork,
     rows: list[ResultRow],
-    thresholds: dict[str, float],
+    thresholds: Mapping[str, float],
     settings: Settings,
     steering: frozenset[str] | None = None,
 ) -> Decision:
+    """The study decision; each instance is judged at the thresholds stored with it.
+
+    `thresholds` (the adult point) only judge outcomes that carry none of their own.
+    """
     return decide([*work.done, *(r.outcome for r in rows)], thresholds, settings.triage, steering)
 
 

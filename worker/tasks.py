@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Study, StudyState, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
 from db.transitions import move_state
+from models.operating_points import ADULT
 from worker.celery_app import PROCESS_STUDY_TASK
 from worker.config import Settings
 from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
@@ -44,7 +45,7 @@ from worker.scoring import (
     decide_study,
     final_state,
     model_steering,
-    model_thresholds,
+    operating_points,
     pending_instances,
     run_pipeline,
     store_results,
@@ -167,9 +168,9 @@ def score_claimed(
     started = utcnow()
     with factory() as session:
         work = pending_instances(session, study_id, model.ref)
-    thresholds = model_thresholds(model, settings)
-    rows, _ = run_pipeline(model, work, settings, thresholds)
-    decision = decide_study(work, rows, thresholds, settings, model_steering(model, settings))
+    points = operating_points(model, settings)  # per population: each instance is judged at its own
+    rows, _ = run_pipeline(model, work, settings, points)
+    decision = decide_study(work, rows, points[ADULT], settings, model_steering(model, settings))
     state = final_state(decision)
     with session_scope(factory) as session:
         now = utcnow()

@@ -40,12 +40,23 @@ class Level(enum.IntEnum):
 
 @dataclass(frozen=True)
 class InstanceOutcome:
-    """What the pipeline produced for one instance: scores (if scored) or why not."""
+    """What the pipeline produced for one instance: scores (if scored) or why not.
+
+    ``thresholds`` are the ones this instance was flagged at (its population's operating point
+    with the site's overrides, as stored in its result row), so the study decision judges
+    every instance exactly as its flags and heatmaps were judged.  None: the study-wide
+    thresholds given to ``decide`` apply.
+    """
 
     sop_instance_uid: str
     outcome: str  # "scored" | "ineligible" | "failed"
     reason: str | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
+    thresholds: Mapping[str, float] | None = None
+
+    def judged_at(self, default: Mapping[str, float]) -> Mapping[str, float]:
+        """The thresholds this instance is judged at: its own, else the study-wide default."""
+        return self.thresholds if self.thresholds is not None else default
 
 
 @dataclass(frozen=True)
@@ -78,18 +89,64 @@ def thresholds_for(card_thresholds: Mapping[str, float], cfg: TriageConfig) -> d
     return {**{k: float(v) for k, v in card_thresholds.items()}, **{k: float(v) for k, v in cfg.thresholds.items()}}
 
 
-def steering_findings(card_specificity: Mapping[str, float | None], cfg: TriageConfig) -> frozenset[str]:
-    """Findings allowed to raise a study's priority (see TriageConfig.min_steering_specificity).
+def steering_findings(
+    card_specificity: Mapping[str, float | None],
+    cfg: TriageConfig,
+    evidence: Mapping[str, Mapping[str, Any]] | None = None,
+) -> frozenset[str]:
+    """Findings allowed to raise a study's priority (TriageConfig.min_steering_specificity and
+    min_steering_within_auc).
 
     `card_specificity` is the model card's validation specificity at each finding's operating
-    threshold (None when the card has none: such a finding steers).  A site override of the
-    threshold means the site chose its own operating point, so that finding steers too.
+    threshold (None when the card has none: such a finding steers).  `evidence` is the card's
+    adult within-collection AUC per finding (``steering_evidence``); a card without it is
+    judged on specificity alone, while a finding the card lists without a usable interval has
+    weak evidence and does not steer.  A site override of the threshold means the site chose
+    its own operating point on its own data, so that finding steers regardless.
     """
     return frozenset(
         f
         for f, spec in card_specificity.items()
-        if f in cfg.thresholds or spec is None or spec >= cfg.min_steering_specificity
+        if f in cfg.thresholds
+        or (
+            (spec is None or spec >= cfg.min_steering_specificity)
+            and _evidence_holds(None if evidence is None else evidence.get(f), cfg, evidence is None)
+        )
     )
+
+
+def _evidence_holds(entry: Mapping[str, Any] | None, cfg: TriageConfig, no_evidence_recorded: bool) -> bool:
+    if no_evidence_recorded:
+        return True
+    ci = (entry or {}).get("auc_ci95")
+    return bool(ci) and float(ci[0]) >= cfg.min_steering_within_auc
+
+
+def steering_explanation(
+    finding: str,
+    card_specificity: Mapping[str, float | None],
+    cfg: TriageConfig,
+    evidence: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
+    """Why a finding does or does not steer, in words for the admin page and the card."""
+    if finding in cfg.thresholds:
+        return "steers: the site set its own threshold"
+    spec = card_specificity.get(finding)
+    if spec is not None and spec < cfg.min_steering_specificity:
+        return f"informational: validation specificity {spec:.2f} at its threshold < {cfg.min_steering_specificity:.2f}"
+    if evidence is not None:
+        entry = evidence.get(finding) or {}
+        ci = entry.get("auc_ci95")
+        name = entry.get("comparison", "no adult within-collection comparison")
+        if not ci:
+            return f"informational: no adult within-collection evidence ({name}: too few images)"
+        if float(ci[0]) < cfg.min_steering_within_auc:
+            return (
+                f"informational: weak adult evidence, {name} AUC {float(entry.get('auc') or 0):.2f} "
+                f"[{float(ci[0]):.2f}, {float(ci[1]):.2f}], lower end < {cfg.min_steering_within_auc:.2f}"
+            )
+        return f"steers: {name} AUC {float(entry.get('auc') or 0):.2f} [{float(ci[0]):.2f}, {float(ci[1]):.2f}]"
+    return "steers"
 
 
 def flags_for(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> dict[str, bool]:
@@ -145,10 +202,18 @@ def top_finding(scores: Mapping[str, float], thresholds: Mapping[str, float]) ->
 def flagged_findings(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float]) -> str | None:
     """``,f1,f2,`` over every scored instance (a finding on any film counts); None when none is flagged.
 
-    Findings come in FINDING_NAMES order (unknown names of a foreign model last, by name), so
-    the same set always gives the same string.
+    Each instance counts at its own thresholds when it carries them (``InstanceOutcome.judged_at``),
+    so the study's flags agree with the instances' stored flags.  Findings come in
+    FINDING_NAMES order (unknown names of a foreign model last, by name), so the same set
+    always gives the same string.
     """
-    flagged = {f for o in outcomes if o.outcome == "scored" for f, on in flags_for(o.scores, thresholds).items() if on}
+    flagged = {
+        f
+        for o in outcomes
+        if o.outcome == "scored"
+        for f, on in flags_for(o.scores, o.judged_at(thresholds)).items()
+        if on
+    }
     if not flagged:
         return None
     ordered = sorted(flagged, key=lambda f: (FINDING_INDEX.get(f, len(FINDING_INDEX)), f))
@@ -163,8 +228,11 @@ def decide(
 ) -> Decision:
     """The study's final state and priority from its instances' outcomes.
 
-    Only `steering` findings (default: all) set the level and the top finding; the others are
-    still flagged (``flagged_findings``) and named in the reason as informational.
+    Each scored instance is judged at its own thresholds when it carries them (its population's
+    operating point), else at `thresholds`: a study with a child's and an adult's film judges
+    each film as its own flags were judged.  Only `steering` findings (default: all) set the
+    level and the top finding; the others are still flagged (``flagged_findings``) and named
+    in the reason as informational.
 
     Scored if any instance was scored (the study's level is its most urgent instance's);
     otherwise failed if any instance failed, else ineligible.  Both of the latter are
@@ -177,11 +245,19 @@ def decide(
         state = "failed" if failed else "ineligible"
         reason = "; ".join(dict.fromkeys(o.reason or state for o in pick)) or "no instance to score"
         return Decision(state, reason, Level.ROUTINE, Level.ROUTINE, f"{AI_UNAVAILABLE} ({reason})", AI_UNAVAILABLE)
-    steer = {f: t for f, t in thresholds.items() if steering is None or f in steering}
-    best = min(scored, key=lambda o: (instance_level(o.scores, steer, cfg), -_margin(o.scores, steer)))
+
+    def steer_of(o: InstanceOutcome) -> dict[str, float]:
+        return {f: t for f, t in o.judged_at(thresholds).items() if steering is None or f in steering}
+
+    def rank(o: InstanceOutcome) -> tuple[Level, float]:
+        steer = steer_of(o)
+        return instance_level(o.scores, steer, cfg), -_margin(o.scores, steer)
+
+    best = min(scored, key=rank)
+    steer = steer_of(best)
     level = instance_level(best.scores, steer, cfg)
     words = f"{level.name.lower()}: {explain(best.scores, steer)}"
-    info = [(f, s, t) for f, s, t in _known(best.scores, thresholds) if f not in steer and s >= t]
+    info = [(f, s, t) for f, s, t in _known(best.scores, best.judged_at(thresholds)) if f not in steer and s >= t]
     if info:
         words += "; informational, not steering: " + ", ".join(_fmt(f, s, "≥", t) for f, s, t in info)
     top_name, top_score = top_finding(best.scores, steer) or (None, None)

@@ -458,12 +458,12 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(413, f"file larger than {web.max_upload_mb} MB")
         if not data:
             raise HTTPException(400, "empty file")
-        from worker.scoring import model_steering, model_thresholds
+        from worker.scoring import model_steering, operating_points
 
         model = _model()
         try:
-            thresholds, steering = model_thresholds(model, settings), model_steering(model, settings)
-            result = imaging.analyse(data, model, thresholds, settings, steering)
+            points, steering = operating_points(model, settings), model_steering(model, settings)
+            result = imaging.analyse(data, model, points, settings, steering)
         except imaging.UnreadableImage as exc:
             raise HTTPException(400, str(exc)) from None
         audit.record(session, user.username, "analyse", utcnow(), None, f"{result.kind}, {len(data)} bytes")
@@ -499,8 +499,8 @@ def create_app(settings: Settings) -> FastAPI:
     def _admin_status(session: Session) -> dict[str, Any]:
         from models.card import ModelCard
         from models.registry import resolve_model_path
-        from worker.scoring import card_specificity
-        from worker.triage import steering_findings, thresholds_for
+        from worker.scoring import card_evidence, card_specificity, card_steering
+        from worker.triage import steering_explanation, thresholds_for
 
         now = utcnow()
         status = health.health(settings, factory, now)
@@ -509,7 +509,14 @@ def create_app(settings: Settings) -> FastAPI:
             model = {
                 "ref": card.ref,
                 "thresholds": thresholds_for(card.thresholds, settings.triage),
-                "steering": sorted(steering_findings(card_specificity(card), settings.triage)),
+                "steering": sorted(card_steering(card, settings)),
+                "steering_reasons": {
+                    f: steering_explanation(f, card_specificity(card), settings.triage, card_evidence(card))
+                    for f in card.findings
+                },
+                "paediatric_thresholds": thresholds_for(
+                    {**card.thresholds, **card.thresholds_by_population.get("paediatric", {})}, settings.triage
+                ),
             }
         except Exception as exc:  # noqa: BLE001 - the page must show the rest when the card is missing
             model = {

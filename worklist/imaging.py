@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dicom_io.eligibility import check_eligibility
 from dicom_io.errors import PixelError
 from dicom_io.pixels import load_image, render_display, to_model_tensor
 from models.heatmap_image import colorize, crop_letterbox
+from models.operating_points import ADULT, decide_population
 from worker.config import PixelsConfig
 from worker.triage import flags_for
 
@@ -150,12 +152,21 @@ def _sniff(data: bytes) -> str:
 
 
 def analyse(
-    data: bytes, model: Any, thresholds: dict[str, float], settings: Any, steering: frozenset[str] | None = None
+    data: bytes,
+    model: Any,
+    points: Mapping[str, Mapping[str, float]],
+    settings: Any,
+    steering: frozenset[str] | None = None,
 ) -> Analysis:
-    """Eligibility, pixel path, scores and heatmaps for one uploaded file, all in memory."""
+    """Eligibility, pixel path, scores and heatmaps for one uploaded file, all in memory.
+
+    ``points`` are the thresholds per population (``worker.scoring.operating_points``): an
+    upload is judged at the operating point its header's age selects, as the worker would.
+    """
     kind = _sniff(data)
     notes: list[str] = []
     source: Any = data
+    ds: Any = None
     eligible, reason = True, None
     if kind.startswith("dicom"):
         try:
@@ -178,6 +189,9 @@ def analyse(
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a decoder error on one upload is that upload's problem
         raise UnreadableImage(f"pixel data not decodable ({type(exc).__name__})") from None
+    point = decide_population(ds)
+    notes.append(point.note)
+    thresholds = dict(points.get(point.population, points[ADULT]))
     findings = list(model.card.findings)
     maps, probs = model.heatmaps(tensor[np.newaxis], findings)
     scores = {f: float(probs[0][j]) for j, f in enumerate(findings)}
