@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from models.architectures import LOGITS_LAYER, ArchConfig, AugmentConfig, build_
 from models.card import DEFAULT_LIMITATIONS, ModelCard
 from models.findings import DEFAULT_TARGET_SENSITIVITY, FINDING_NAMES
 from training import metrics as M
+from training.collection_metrics import collection_report, steering_evidence
 from training.readers import Record, read_dataset, read_shared_data, summarize
 from training.splits import apply_split, file_sha256, leaked_patients, patient_split, read_split, write_split
 
@@ -54,6 +56,11 @@ class TrainConfig:
     run_dir: str | None = None
     output: str | None = None
     cache_dir: str | None = "training/cache"
+    # Acquisition augmentation (training.acquisition.AcquisitionConfig keys); None = off.
+    acquisition: dict[str, Any] | None = None
+    # Synthetic nodules in adult mass-negative training draws: probability, diameter_mm,
+    # contrast, spacing_mm (training.synthetic_nodules); None = off.
+    synthetic_nodules: dict[str, Any] | None = None
     # Known limitations found by evaluating this model, carried into its card verbatim.
     limitations: list[str] = field(default_factory=list)
 
@@ -120,13 +127,40 @@ def make_split(cfg: TrainConfig, records: list[Record]) -> tuple[list[Record], P
         return read_split(split_file), split_file, file_sha256(split_file)
     fractions = tuple(cfg.split.get("fractions", (0.7, 0.15, 0.15)))
     seed = int(cfg.split.get("seed", cfg.seed))
-    assignment = patient_split(records, fractions, seed, honour_given=bool(cfg.split.get("honour_given", False)))
+    assignment = patient_split(
+        records,
+        fractions,
+        seed,
+        honour_given=bool(cfg.split.get("honour_given", False)),
+        fractions_by_source=cfg.split.get("fractions_by_source"),
+    )
     recs = apply_split(records, assignment)
     if leaked_patients(recs):  # pragma: no cover - patient_split guarantees this
         raise RuntimeError("split leaks patients")
     sha = write_split(recs, split_file)
     # read back: the CSV's order is the canonical one, so a resumed run hits the same pixel cache
     return read_split(split_file), split_file, sha
+
+
+def batch_groups(records: list[Record], cfg: TrainConfig) -> tuple[list[str], dict[str, float]]:
+    """Which pool each training image is drawn from, and each pool's share of a batch.
+
+    ``train.source_fractions`` gives every collection its own share, so the 6,000 RSNA
+    normals cannot crowd the adult positives out of a batch and every collection contributes
+    both classes where it has them; sources it does not name share ``train.other_fraction``.
+    Without it, batches mix adult and paediatric images at ``train.adult_fraction``.
+    """
+    by_source = cfg.hp("source_fractions", None)
+    if by_source:
+        present = {r.source for r in records}
+        named = {s: float(f) for s, f in by_source.items() if s in present}
+        groups = [r.source if r.source in named else "other" for r in records]
+        if "other" in groups:
+            named["other"] = float(cfg.hp("other_fraction", 0.05))
+        return groups, named
+    adult_fraction = float(cfg.hp("adult_fraction", 0.4))
+    groups = ["paediatric" if r.population == "paediatric" else "adult" for r in records]
+    return groups, {"adult": adult_fraction, "paediatric": 1.0 - adult_fraction}
 
 
 def set_determinism(seed: int) -> None:
@@ -155,9 +189,20 @@ def _split_counts(recs: list[Record]) -> dict[str, dict[str, int]]:
 class EpochLogger:
     """Per-epoch validation AUCs, checkpoints, early stopping and the epoch log (resumable)."""
 
-    def __init__(self, run: Path, x_val: np.ndarray, y_val: np.ndarray, patience: int, state: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run: Path,
+        x_val: np.ndarray,
+        y_val: np.ndarray,
+        patience: int,
+        state: dict[str, Any],
+        val_sources: Sequence[str] | None = None,
+    ) -> None:
         self.run, self.x_val, self.y_val, self.patience = run, x_val, y_val, patience
         self.state = state
+        # Checkpoints are chosen on AUCs within one collection when sources are given: a pooled
+        # AUC keeps rising while the model learns to tell collections apart.
+        self.val_sources = None if val_sources is None else np.asarray(val_sources)
         self.bar: Any = None
 
     def callback(self, steps: int, epochs: int) -> Any:
@@ -192,12 +237,14 @@ class EpochLogger:
         for j, name in enumerate(FINDING_NAMES):
             y, s = M.labelled(self.y_val[:, j], p[:, j])
             aucs[name] = M.safe_auc(y, s)
-        present = [a for a in aucs.values() if a is not None]
+        within = within_source_aucs(self.y_val, p, self.val_sources) if self.val_sources is not None else {}
+        present = list(within.values()) or [a for a in aucs.values() if a is not None]
         score = float(np.mean(present)) if present else -float(logs.get("loss", 0.0))
         row = {
             "epoch": epoch + 1,
             "loss": float(logs.get("loss", float("nan"))),
             **{f"val_auc_{k}": v for k, v in aucs.items()},
+            **{f"val_within_{k}": v for k, v in within.items()},
             "val_mean_auc": score,
             "lr": _current_lr(model),
             "seconds": round(time.perf_counter() - self.t0, 1),
@@ -219,6 +266,21 @@ class EpochLogger:
         if self.state["wait"] >= self.patience:
             print(f"[early stop] no improvement for {self.patience} epochs", file=sys.stderr, flush=True)
             model.stop_training = True
+
+
+def within_source_aucs(y: np.ndarray, p: np.ndarray, sources: np.ndarray, min_per_class: int = 10) -> dict[str, float]:
+    """AUC per (source, finding) where that source alone has both classes: figures a model
+    cannot win by recognising collections."""
+    out: dict[str, float] = {}
+    for src in sorted(set(sources.tolist())):
+        sel = sources == src
+        for j, name in enumerate(FINDING_NAMES):
+            yy, ss = M.labelled(y[sel, j], p[sel, j])
+            if min(int((yy == 1).sum()), int((yy == 0).sum())) >= min_per_class:
+                auc = M.safe_auc(yy, ss)
+                if auc is not None:
+                    out[f"{src}/{name}"] = auc
+    return out
 
 
 def _current_lr(model: Any) -> float:
@@ -247,6 +309,28 @@ def predict_array(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray
     return np.concatenate(out).astype("float32") if out else np.zeros((0, len(FINDING_NAMES)), "float32")
 
 
+def population_thresholds(
+    y: np.ndarray, p: np.ndarray, pops: Sequence[str], target: float, min_pos: int = 10
+) -> dict[str, dict[str, float]]:
+    """Operating thresholds per population, each for ``target`` sensitivity on that population's
+    validation images: {"adult": {...}, "paediatric": {...}}.
+
+    Adults are the shipped use, so the adult point is the default (files without an age use
+    it).  Children's pneumonia films look different (and their normals differ too), so one
+    pooled threshold misjudges both; a finding with fewer than ``min_pos`` positives in a
+    population falls back to the pooled threshold rather than to a guess from a handful.
+    """
+    pa = np.asarray(pops)
+    out: dict[str, dict[str, float]] = {"adult": {}, "paediatric": {}}
+    for j, n in enumerate(FINDING_NAMES):
+        y_all, s_all = M.labelled(y[:, j], p[:, j])
+        pooled = M.threshold_for_sensitivity(y_all, s_all, target) if len(y_all) else 0.5
+        for pop, th in out.items():
+            yy, ss = M.labelled(y[pa == pop, j], p[pa == pop, j])
+            th[n] = M.threshold_for_sensitivity(yy, ss, target) if int((yy == 1).sum()) >= min_pos else pooled
+    return out
+
+
 def fold_platt(model: Any, params: list[tuple[float, float]]) -> None:
     """Fold per-finding Platt scaling into the logits layer: sigmoid(a*(Wx+b)+c) = sigmoid((aW)x + (ab+c))."""
     dense = model.get_layer(LOGITS_LAYER)
@@ -257,9 +341,15 @@ def fold_platt(model: Any, params: list[tuple[float, float]]) -> None:
 
 
 def evaluate_arrays(
-    y: np.ndarray, p: np.ndarray, thresholds: dict[str, float], pops: list[str] | None = None, n_boot: int = 1000
+    y: np.ndarray,
+    p: np.ndarray,
+    thresholds: dict[str, float],
+    pops: list[str] | None = None,
+    n_boot: int = 1000,
+    by_population: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """Per finding metrics, overall and by population (adult / paediatric)."""
+    """Per finding metrics, overall and by population (adult / paediatric); each population is
+    judged at its own operating point when ``by_population`` has one."""
     overall = {
         n: M.finding_metrics(y[:, j], p[:, j], thresholds[n], n_boot=n_boot) for j, n in enumerate(FINDING_NAMES)
     }
@@ -268,9 +358,9 @@ def evaluate_arrays(
         pa = np.asarray(pops)
         for pop in sorted(set(pops)):
             sel = pa == pop
+            th = {**thresholds, **(by_population or {}).get(pop, {})}
             out["by_population"][pop] = {
-                n: M.finding_metrics(y[sel, j], p[sel, j], thresholds[n], n_boot=n_boot)
-                for j, n in enumerate(FINDING_NAMES)
+                n: M.finding_metrics(y[sel, j], p[sel, j], th[n], n_boot=n_boot) for j, n in enumerate(FINDING_NAMES)
             }
     return out
 
@@ -279,9 +369,11 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     """Train, calibrate, choose thresholds, export; return the exported model file."""
     import keras
 
+    from training.acquisition import AcquisitionConfig
     from training.dataset import (
         BalancedBatches,
         MaskedBinaryCrossentropy,
+        TrainingTransform,
         balanced_class_weights,
         load_tensors,
         pipeline_version,
@@ -314,11 +406,16 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     bs = int(cfg.hp("batch_size", 32))
     steps = int(cfg.hp("steps_per_epoch", max(1, len(tr) // bs)))
     epochs = int(cfg.hp("epochs", 20))
-    adult_fraction = float(cfg.hp("adult_fraction", 0.4))
-    groups = [pops[i] if pops[i] == "paediatric" else "adult" for i in tr]
-    fractions = {"adult": adult_fraction, "paediatric": 1.0 - adult_fraction}
-    seq = BalancedBatches(x_all[tr], y_all[tr], groups, bs, steps, fractions, seed=cfg.seed)
-    cw = balanced_class_weights(y_all[tr], seq.sample_weights()) if cfg.hp("class_weighting", "balanced") else None
+    groups, fractions = batch_groups([recs[i] for i in tr], cfg)
+    transform = TrainingTransform(
+        x_all[tr],
+        nodule_eligible=np.array([pops[i] == "adult" for i in tr]),
+        acquisition=AcquisitionConfig.from_dict(cfg.acquisition),
+        nodules=cfg.synthetic_nodules,
+    )
+    seq = BalancedBatches(x_all[tr], y_all[tr], groups, bs, steps, fractions, seed=cfg.seed, transform=transform)
+    weighting = cfg.hp("class_weighting", "balanced")
+    cw = balanced_class_weights(y_all[tr], seq.sample_weights()) if weighting not in (None, "none") else None
 
     state_file = run / "state.json"
     state: dict[str, Any] = json.loads(state_file.read_text()) if (resume and state_file.exists()) else {}
@@ -346,7 +443,11 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
         model.compile(optimizer=opt, loss=MaskedBinaryCrossentropy(None if cw is None else cw.tolist()))
     seq.set_epoch(start_epoch)
 
-    logger = EpochLogger(run, x_all[va], y_all[va], int(cfg.hp("patience", 6)), state)
+    sel_va = va
+    if only:  # a held-out collection must not choose the checkpoint either
+        sel_va = va[np.isin(np.array([recs[i].source for i in va]), list(only))]
+    val_sources = [recs[i].source for i in sel_va] if cfg.hp("selection", "pooled") == "within_source" else None
+    logger = EpochLogger(run, x_all[sel_va], y_all[sel_va], int(cfg.hp("patience", 6)), state, val_sources)
     if start_epoch < epochs and state.get("wait", 0) < logger.patience:
         model.fit(seq, epochs=epochs, initial_epoch=start_epoch, verbose=0, callbacks=[logger.callback(steps, epochs)])
     train_seconds = float(state.get("fit_seconds", state.get("seconds_before_resume", time.time() - t_start)))
@@ -354,21 +455,38 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
 
     # --- calibrate, threshold, export ------------------------------------------------------
     best = keras.saving.load_model(run / "best.keras", compile=False)
+    # Calibration and thresholds are fitted on the validation images of the training collections
+    # only (all of validation unless train_sources holds a collection out).
+    fit = np.isin(va, sel_va)
     p_val = predict_array(best, x_all[va])
     platt = []
     for j in range(len(FINDING_NAMES)):
-        y, s = M.labelled(y_all[va, j], p_val[:, j])
+        y, s = M.labelled(y_all[va[fit], j], p_val[fit, j])
         platt.append(M.fit_platt(y, s) if cfg.calibration == "platt" else (1.0, 0.0))
     fold_platt(best, platt)
     p_val = predict_array(best, x_all[va])
     p_test = predict_array(best, x_all[te]) if len(te) else np.zeros((0, len(FINDING_NAMES)), "float32")
-    thresholds = {}
-    for j, n in enumerate(FINDING_NAMES):
-        y, s = M.labelled(y_all[va, j], p_val[:, j])
-        thresholds[n] = M.threshold_for_sensitivity(y, s, cfg.target_sensitivity) if len(y) else 0.5
+    pops_fit = [pops[i] for i in va[fit]]
+    by_population = population_thresholds(y_all[va[fit]], p_val[fit], pops_fit, cfg.target_sensitivity)
+    thresholds = by_population.pop("adult")
     n_boot = int(cfg.hp("bootstrap", 1000))
-    val_metrics = evaluate_arrays(y_all[va], p_val, thresholds, [pops[i] for i in va], n_boot)
-    test_metrics = evaluate_arrays(y_all[te], p_test, thresholds, [pops[i] for i in te], n_boot) if len(te) else {}
+    pop_va, pop_te = [pops[i] for i in va], [pops[i] for i in te]
+    val_metrics = evaluate_arrays(y_all[va], p_val, thresholds, pop_va, n_boot, by_population)
+    test_metrics = evaluate_arrays(y_all[te], p_test, thresholds, pop_te, n_boot, by_population) if len(te) else {}
+    # Read first in the card: figures within one collection, the RSNA normals on their own, the leak check.
+    ops = {"adult": thresholds, **{k: {**thresholds, **v} for k, v in by_population.items()}}
+    val_metrics["collections"] = collection_report([recs[i] for i in va], p_val, ops, n_boot=n_boot)
+    if len(te):
+        test_metrics["collections"] = collection_report([recs[i] for i in te], p_test, ops, n_boot=n_boot)
+    normals_te = [i for i in te if recs[i].source == "rsna-normals"][: int(cfg.hp("localisation_images", 300))]
+    if normals_te and cfg.synthetic_nodules:
+        from models.gradcam import gradcam
+        from training.localisation import synthetic_localisation
+
+        shape = {k: v for k, v in cfg.synthetic_nodules.items() if k != "probability"}
+        test_metrics["synthetic_nodules"] = synthetic_localisation(
+            lambda b: gradcam(best, b), x_all[normals_te], seed=cfg.seed, n_boot=n_boot, **shape
+        )
 
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
@@ -397,6 +515,8 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
         preprocessing_version=pipeline_version(),
         parameters=int(best.count_params()),
         thresholds=thresholds,
+        thresholds_by_population=by_population,
+        steering_evidence=steering_evidence((test_metrics or val_metrics)["collections"]),
         target_sensitivity=cfg.target_sensitivity,
         calibration={
             "method": cfg.calibration,
