@@ -232,6 +232,9 @@ class InstanceResult(Base):
     scores: Mapped[dict[str, float] | None] = mapped_column(JSON)
     flags: Mapped[dict[str, bool] | None] = mapped_column(JSON)
     thresholds: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    # The operating point the instance was judged at ("adult" | "paediatric", from its header's
+    # age): a redelivered study judges it again at the same point, steering included.
+    operating_point: Mapped[str | None] = mapped_column(String(16))
     heatmaps: Mapped[dict[str, str] | None] = mapped_column(JSON)
     pipeline_version: Mapped[str] = mapped_column(String(32))
     received_at: Mapped[datetime | None] = mapped_column()

@@ -55,9 +55,10 @@ class ModelCard:
     # different sensitivity on children and adults.  A finding missing here falls back to
     # `thresholds`; cards written before this field load with it empty.
     thresholds_by_population: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Per finding, the adult within-collection AUC (test split) whether it may steer a worklist
-    # is decided on (worker.triage.steering_findings); empty on cards made before it existed.
-    steering_evidence: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per population and finding, the within-collection AUC (test split) whether it may steer a
+    # worklist is decided on (worker.triage.steering_findings): {"adult": {"pneumonia": {...}}};
+    # empty on cards made before it existed.
+    steering_evidence: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     target_sensitivity: float = 0.95
     calibration: dict[str, Any] = field(default_factory=dict)
     training_data: list[dict[str, Any]] = field(default_factory=list)

@@ -41,6 +41,7 @@ def test_environment_overrides_the_file_with_typed_values(tmp_path: Path):
         ("web:\n  refresh_s: 30\n", {}, "web.refresh_s"),
         ("web:\n  mask_patient_identity: maybe\n", {}, "web.mask_patient_identity"),
         ("triage:\n  min_steering_specificity: 1.5\n", {}, "triage.min_steering_specificity"),
+        ("", {"XRAY_TRIAGE_TRIAGE__MIN_STEERING_WITHIN_AUC": "-0.1"}, "triage.min_steering_within_auc"),
         ("worker:\n  heartbeat_interval_s: 0\n", {}, "worker.heartbeat_interval_s"),
     ],
 )

@@ -37,9 +37,9 @@ from worker.scoring import (
     _read,
     decide_study,
     instance_thresholds,
-    model_steering,
     operating_points,
     run_pipeline,
+    steering_points,
 )
 from worker.triage import Level
 
@@ -298,6 +298,11 @@ def _model_dir(tmp_path: Path, scores: dict[str, float]) -> tuple[Path, dict[str
     card = json.loads((DEFAULT_MODEL_DIR / "card.json").read_text())
     card["thresholds"] = adult
     card["thresholds_by_population"] = {PAEDIATRIC: paediatric}
+    # strong evidence everywhere, so these tests see the thresholds alone (steering: test_triage)
+    strong = {"comparison": "test", "auc": 0.9, "auc_ci95": [0.85, 0.95], "n_pos": 50, "n_neg": 50}
+    card["steering_evidence"] = {pop: dict.fromkeys(FINDING_NAMES, strong) for pop in (ADULT, PAEDIATRIC)}
+    for op in (card["validation_metrics"].get("overall") or {}).values():
+        op.setdefault("operating_point", {})["specificity"] = 0.9
     (folder / "card.json").write_text(json.dumps(card))
     return folder, paediatric, adult
 
@@ -409,17 +414,21 @@ def test_worker_pipeline_flags_stores_and_decides_each_instance_at_its_own_point
     assert set(c.heatmaps or {}) == set(FINDING_NAMES) and a.heatmaps == {}  # heatmaps follow the flags
     assert all(Path(p).is_file() for p in (c.heatmaps or {}).values())
 
-    steering = model_steering(model, settings)
-    decision = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], []), rows, points[ADULT], settings, steering)
+    assert (c.outcome.population, a.outcome.population) == (PAEDIATRIC, ADULT)  # stored with the result
+    by_pop = steering_points(model, settings)
+    steering = by_pop[ADULT]
+    decision = decide_study(
+        StudyWork(1, "1.2.826.0.1.3", None, [], []), rows, points[ADULT], settings, steering, by_pop
+    )
     assert decision.flagged_findings == ",pneumonia,mass,covid19,"  # the child's film, at its point
     assert decision.ai_priority in (Level.URGENT, Level.CRITICAL)
     s, t = siim_scores["pneumonia"], paediatric["pneumonia"]
     assert f"pneumonia {s:.2f} ≥ {t:.2f}" in decision.priority_reason
     # The adult's film alone, at the adult point, flags nothing and stays routine.
-    alone = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], []), [a], points[ADULT], settings, steering)
+    alone = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], []), [a], points[ADULT], settings, steering, by_pop)
     assert alone.ai_priority == Level.ROUTINE and alone.flagged_findings is None
     # A redelivery judges an already stored instance at the thresholds stored with it.
     redelivered = decide_study(
-        StudyWork(1, "1.2.826.0.1.3", None, [], [c.outcome]), [a], points[ADULT], settings, steering
+        StudyWork(1, "1.2.826.0.1.3", None, [], [c.outcome]), [a], points[ADULT], settings, steering, by_pop
     )
     assert redelivered == decision

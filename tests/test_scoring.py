@@ -26,10 +26,10 @@ from models.findings import FINDING_NAMES
 from models.registry import resolve_model_path
 from tests.conftest import pydicom_data_file, shared_file
 from tests.plugins.scoring import ScoringEnv, as_new_study, study_uid_of, wait_for
-from worker.config import TriageConfig
+from worker.config import Settings
 from worker.heartbeat import read_heartbeats
-from worker.scoring import card_specificity
-from worker.triage import AI_UNAVAILABLE, Level, steering_findings, worklist_order
+from worker.scoring import card_steering
+from worker.triage import AI_UNAVAILABLE, Level, worklist_order
 
 
 def _one_result_per_instance(env: ScoringEnv, uid: str, n: int) -> list[InstanceResult]:
@@ -49,10 +49,14 @@ def _assert_study_opinion(study: Study, results: list[InstanceResult]) -> None:
     """The worklist's top finding and finding filter agree with the stored instance results."""
     assert study.flagged_findings == _expected_flagged_findings(results)
     (result,) = results  # one instance: it is the one that set the level
-    # Only findings allowed to steer the priority can be the top finding (the shipped model's
-    # mass operating point has validation specificity 0.08, so mass is informational only).
+    # Only findings allowed to steer the priority can be the top finding (the card's operating
+    # points and within-collection evidence decide which: worker.triage.steering_findings).
     card = ModelCard.load(resolve_model_path().parent / "card.json")
-    steering = steering_findings(card_specificity(card), TriageConfig())
+    steering = card_steering(card, Settings(), result.operating_point or "adult")
+    if not steering:  # nothing may steer at this operating point: no top finding to show
+        assert study.top_finding is None
+        assert "informational" in study.priority_reason or not study.flagged_findings
+        return
     top = min(steering, key=lambda f: result.thresholds[f] - result.scores[f])
     assert study.top_finding == top
     assert study.top_score == pytest.approx(result.scores[top])
@@ -94,6 +98,7 @@ def test_real_images_end_scored_ineligible_or_failed(scoring_env: ScoringEnv, tm
         assert result.outcome == "scored" and result.model_ref == study.model_ref
         assert set(result.scores) == set(FINDING_NAMES) and set(result.thresholds) == set(FINDING_NAMES)
         assert result.pipeline_version == PIPELINE_VERSION
+        assert result.operating_point == "adult"  # no age in these headers (or an adult one)
         assert result.received_at <= result.started_at <= result.finished_at
         assert result.queued_at is not None and result.queued_at <= result.started_at
         flagged = {f for f, on in result.flags.items() if on}

@@ -274,7 +274,7 @@ def test_weak_within_collection_evidence_does_not_steer() -> None:
     assert steering_findings(spec, cfg, {"pneumonia": evidence["pneumonia"]}) == {"pneumonia"}
     why = {f: steering_explanation(f, spec, cfg, evidence) for f in spec}
     assert why["pneumonia"].startswith("steers: NIH pneumonia")
-    assert "weak adult evidence" in why["mass"] and "[0.49, 0.74]" in why["mass"]
+    assert "weak within-collection evidence" in why["mass"] and "[0.49, 0.74]" in why["mass"]
     assert "too few images" in why["covid19"]
     assert "specificity 0.30" in steering_explanation("mass", {**spec, "mass": 0.3}, cfg, evidence)
     assert steering_explanation("mass", spec, TriageConfig(thresholds={"mass": 0.4}), evidence).startswith("steers")
@@ -288,14 +288,35 @@ def test_the_shipped_card_steers_only_on_its_evidence() -> None:
 
     card = ModelCard.load(DEFAULT_MODEL_DIR / "card.json")
     spec = card_specificity(card)
-    evidence = card_evidence(card)
     assert set(spec) == {"pneumonia", "mass", "covid19"} and all(v is not None for v in spec.values())
-    assert evidence is not None and set(evidence) == set(spec)
-    steering = card_steering(card, Settings())
-    for f in spec:
-        ci = evidence[f]["auc_ci95"]
-        holds = bool(ci) and ci[0] >= TriageConfig().min_steering_within_auc and spec[f] >= 0.5
-        assert (f in steering) == holds, f
+    adult = card_evidence(card)
+    assert adult is not None and set(adult) == set(spec)  # every finding has an adult comparison
+    assert set(card_evidence(card, "paediatric") or {}) == {"pneumonia"}  # Kermany only labels pneumonia
+    for population in ("adult", "paediatric"):
+        evidence = card_evidence(card, population) or {}
+        steering = card_steering(card, Settings(), population)
+        for f in spec:
+            ci = (evidence.get(f) or {}).get("auc_ci95")
+            holds = bool(ci) and ci[0] >= TriageConfig().min_steering_within_auc and spec[f] >= 0.5
+            assert (f in steering) == holds, (population, f)
+
+
+def test_steering_follows_each_instance_population() -> None:
+    """Pneumonia with strong evidence in children and weak in adults: the child's film steers,
+    the adult's identical scores are informational; a stored instance keeps its point."""
+    cfg = TriageConfig()
+    thresholds = {"pneumonia": 0.5, "mass": 0.5, "covid19": 0.5}
+    by_pop = {"adult": frozenset({"covid19"}), "paediatric": frozenset({"pneumonia"})}
+    scores = {"pneumonia": 0.8, "mass": 0.1, "covid19": 0.1}
+    child = InstanceOutcome("1.1", "scored", scores=scores, thresholds=thresholds, population="paediatric")
+    adult = InstanceOutcome("1.2", "scored", scores=scores, thresholds=thresholds, population="adult")
+    unknown = InstanceOutcome("1.3", "scored", scores=scores, thresholds=thresholds)  # stored before: adult
+    assert decide([child], thresholds, cfg, by_pop["adult"], by_pop).priority == Level.URGENT
+    d = decide([adult], thresholds, cfg, by_pop["adult"], by_pop)
+    assert d.priority == Level.ROUTINE and "informational, not steering: pneumonia 0.80" in d.priority_reason
+    assert decide([unknown], thresholds, cfg, by_pop["adult"], by_pop).priority == Level.ROUTINE
+    both = decide([adult, child], thresholds, cfg, by_pop["adult"], by_pop)
+    assert both.priority == Level.URGENT and both.top_finding == "pneumonia"
 
 
 def test_each_instance_is_judged_at_its_own_operating_point() -> None:

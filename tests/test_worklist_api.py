@@ -455,10 +455,12 @@ def test_admin_pages_need_the_admin_role(worklist: WorklistApp) -> None:
     assert worklist.settings.queues.urgent in page.text
     # why each finding does or does not steer, from the card's within-collection evidence
     reasons = status["model"]["steering_reasons"]
-    assert set(reasons) == {"pneumonia", "mass", "covid19"}
-    for f, why in reasons.items():
-        assert why.startswith("steers") == (f in status["model"]["steering"]), (f, why)
-    assert 'id="steering-reasons"' in page.text and 'id="paediatric-thresholds"' in page.text
+    assert set(reasons) == {"adult", "paediatric"}
+    for pop, key in (("adult", "steering"), ("paediatric", "steering_paediatric")):
+        assert set(reasons[pop]) == {"pneumonia", "mass", "covid19"}
+        for f, why in reasons[pop].items():
+            assert why.startswith("steers") == (f in status["model"][key]), (pop, f, why)
+    assert 'data-population="paediatric"' in page.text and 'id="paediatric-thresholds"' in page.text
 
 
 def test_admin_status_masks_secrets(make_worklist, backend) -> None:
@@ -994,14 +996,19 @@ def test_analyse_scores_real_uploads_without_storing_them(make_worklist) -> None
     r = client.post("/api/analyse", files={"file": ("rg1.dcm", chest.read_bytes())}, headers=headers)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert (body["kind"], body["eligible"], body["model"]) == ("dicom", True, "default@1.0.0")
+    from models.registry import get_model
+    from worker.scoring import model_steering
+
+    model = get_model()
+    steering = model_steering(model, wl.settings)
+    assert (body["kind"], body["eligible"], body["model"]) == ("dicom", True, model.ref)
     assert set(body["scores"]) == {"pneumonia", "mass", "covid19"}
     assert all(0.0 <= p <= 1.0 for p in body["scores"].values())
     assert body["flags"] == {f: body["scores"][f] >= body["thresholds"][f] for f in body["scores"]}
-    # Mass is flagged but informational with the shipped model (see docs/triage.md): it is
+    # Findings without adult within-collection evidence are informational (docs/triage.md):
     # never listed among the top findings that would steer a worklist.
-    assert body["informational"] == ["mass"]
-    assert all(t["finding"] != "mass" and body["flags"][t["finding"]] for t in body["top_findings"])
+    assert body["informational"] == sorted(set(body["scores"]) - steering)
+    assert all(t["finding"] in steering and body["flags"][t["finding"]] for t in body["top_findings"])
     assert body["image_png"].startswith("data:image/png;base64,")
     assert set(body["heatmaps"]) == set(body["scores"]) and "not for diagnostic use" in body["disclaimer"]
 

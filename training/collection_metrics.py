@@ -90,9 +90,11 @@ class Comparison:
     source: str
     positive: Predicate
     negative: Predicate
-    # The adult evidence for this finding: whether it may steer a worklist (worker.triage)
-    # is decided on this comparison's test figure, not on any pooled AUC.
+    # The evidence for this finding in ``population``: whether it may steer a worklist for
+    # images judged at that operating point (worker.triage) is decided on this comparison's
+    # test figure, not on any pooled AUC.
     evidence: bool = False
+    population: str = "adult"
 
 
 # The comparisons the project reports first, defined once here.
@@ -119,6 +121,8 @@ COMPARISONS: tuple[Comparison, ...] = (
         "kermany",
         positive=_label_is("pneumonia", 1),
         negative=_label_is("pneumonia", 0),
+        evidence=True,
+        population="paediatric",
     ),
     Comparison(
         "Actualmed COVID-19 vs no finding",
@@ -131,18 +135,22 @@ COMPARISONS: tuple[Comparison, ...] = (
 )
 
 
-def steering_evidence(report: Mapping[str, Any], comparisons: Sequence[Comparison] = COMPARISONS) -> dict[str, Any]:
-    """Per finding, the adult within-collection figure its steering is decided on (for the card).
+def steering_evidence(
+    report: Mapping[str, Any], comparisons: Sequence[Comparison] = COMPARISONS
+) -> dict[str, dict[str, Any]]:
+    """Per population and finding, the within-collection figure its steering is decided on
+    (for the card): {"adult": {"pneumonia": {comparison, auc, auc_ci95, n_pos, n_neg}, ...}, ...}.
 
-    A finding without such a comparison in ``report`` gets an entry with ``auc`` None: no
-    evidence is weak evidence.
+    A finding a population has no comparison for is absent there, and one whose comparison is
+    missing from ``report`` has ``auc`` None: no evidence is weak evidence.
     """
     by_name = {c["name"]: c for c in report.get("comparisons", [])}
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {}
     for comp in comparisons:
-        if comp.evidence and comp.finding not in out:
+        per = out.setdefault(comp.population, {})
+        if comp.evidence and comp.finding not in per:
             got = by_name.get(comp.name, {})
-            out[comp.finding] = {
+            per[comp.finding] = {
                 "comparison": comp.name,
                 "auc": got.get("auc"),
                 "auc_ci95": got.get("auc_ci95"),

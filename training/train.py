@@ -331,6 +331,23 @@ def population_thresholds(
     return out
 
 
+def steering_limitations(card: ModelCard) -> list[str]:
+    """The card says, per operating point, which findings steer a worklist under the default
+    triage policy and why not the others (the rule itself is worker.triage's)."""
+    from models.operating_points import POPULATIONS
+    from worker.config import TriageConfig
+    from worker.scoring import card_evidence, card_specificity
+    from worker.triage import steering_explanation
+
+    spec, cfg = card_specificity(card), TriageConfig()
+    lines = []
+    for pop in POPULATIONS:
+        for f in card.findings:
+            why = steering_explanation(f, spec, cfg, card_evidence(card, pop))
+            lines.append(f"Triage, {pop} operating point, {f}: {why} (default policy, docs/triage.md).")
+    return lines
+
+
 def fold_platt(model: Any, params: list[tuple[float, float]]) -> None:
     """Fold per-finding Platt scaling into the logits layer: sigmoid(a*(Wx+b)+c) = sigmoid((aW)x + (ab+c))."""
     dense = model.get_layer(LOGITS_LAYER)
@@ -550,6 +567,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
         test_metrics=test_metrics,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+    card.limitations += steering_limitations(card)
     card.save(out)
     print(
         f"exported {model_file} ({model_file.stat().st_size / 1e6:.1f} MB) in {train_seconds / 60:.1f} min",

@@ -108,7 +108,14 @@ def pending_instances(session: Session, study_id: int, model_ref: str) -> StudyW
             res = stored[inst.instance_id]
             # Judged at the thresholds it was flagged at, stored with it, not re-derived.
             done.append(
-                InstanceOutcome(inst.sop_instance_uid, res.outcome, res.reason, res.scores or {}, res.thresholds)
+                InstanceOutcome(
+                    inst.sop_instance_uid,
+                    res.outcome,
+                    res.reason,
+                    res.scores or {},
+                    res.thresholds,
+                    res.operating_point,
+                )
             )
         else:
             todo.append(inst)
@@ -191,8 +198,11 @@ def instance_thresholds(
     point: PopulationDecision | None, points: Mapping[str, Mapping[str, float]]
 ) -> dict[str, float]:
     """The thresholds one instance is flagged and judged at: its population's, else the adult ones."""
-    population = point.population if point is not None else ADULT
-    return dict(points.get(population, points[ADULT]))
+    return dict(points.get(_population(point), points[ADULT]))
+
+
+def _population(point: PopulationDecision | None) -> str:
+    return point.population if point is not None else ADULT
 
 
 def card_specificity(card: Any) -> dict[str, float | None]:
@@ -205,19 +215,27 @@ def card_specificity(card: Any) -> dict[str, float | None]:
     return out
 
 
-def card_steering(card: Any, settings: Settings) -> frozenset[str]:
-    """Findings of the model with this card allowed to raise priority at this site."""
-    return steering_findings(card_specificity(card), settings.triage, card_evidence(card))
+def card_steering(card: Any, settings: Settings, population: str = ADULT) -> frozenset[str]:
+    """Findings of the model with this card allowed to raise priority at this site, for images
+    judged at a population's operating point."""
+    return steering_findings(card_specificity(card), settings.triage, card_evidence(card, population))
 
 
-def card_evidence(card: Any) -> dict[str, Any] | None:
-    """The card's adult within-collection evidence per finding; None on cards made before it."""
-    return getattr(card, "steering_evidence", None) or None
+def card_evidence(card: Any, population: str = ADULT) -> dict[str, Any] | None:
+    """The card's within-collection evidence per finding for a population ({} when the card
+    has evidence but none for this population: weak); None on cards made before it."""
+    evidence = getattr(card, "steering_evidence", None) or None
+    return None if evidence is None else dict(evidence.get(population) or {})
 
 
-def model_steering(model: Any, settings: Settings) -> frozenset[str]:
-    """Findings of this model allowed to raise priority at this site."""
-    return card_steering(model.card, settings)
+def model_steering(model: Any, settings: Settings, population: str = ADULT) -> frozenset[str]:
+    """Findings of this model allowed to raise priority at this site (adult point by default)."""
+    return card_steering(model.card, settings, population)
+
+
+def steering_points(model: Any, settings: Settings) -> dict[str, frozenset[str]]:
+    """The steering findings for every population, like ``operating_points`` for thresholds."""
+    return {p: model_steering(model, settings, p) for p in POPULATIONS}
 
 
 def run_pipeline(
@@ -236,23 +254,23 @@ def run_pipeline(
 
     findings = list(model.card.findings)
     rows: list[ResultRow] = []
-    ready: list[tuple[PendingInstance, np.ndarray, dict[str, float]]] = []
+    ready: list[tuple[PendingInstance, np.ndarray, dict[str, float], str]] = []
     for inst in work.instances:
         read = _read(inst, settings, model.input_size)
         if read.outcome is not None or read.tensor is None:
             outcome = read.outcome or InstanceOutcome(inst.sop_instance_uid, "failed", "no pixel data")
             rows.append(ResultRow(inst, outcome, None, None, None))
         else:
-            ready.append((inst, read.tensor, instance_thresholds(read.point, points)))
+            ready.append((inst, read.tensor, instance_thresholds(read.point, points), _population(read.point)))
     forward_s = 0.0
     bs = settings.worker.batch_size
     for start in range(0, len(ready), bs):
         chunk = ready[start : start + bs]
-        x = np.stack([t for _, t, _ in chunk])
+        x = np.stack([t for _, t, _, _ in chunk])
         t0 = time.perf_counter()
         maps, probs = model.heatmaps(x, findings)  # one forward pass gives scores and every map
         forward_s += time.perf_counter() - t0
-        for i, (inst, _tensor, thresholds) in enumerate(chunk):
+        for i, (inst, _tensor, thresholds, population) in enumerate(chunk):
             scores = {f: float(probs[i][j]) for j, f in enumerate(findings)}
             flags = flags_for(scores, thresholds)
             paths: dict[str, str] = {}
@@ -261,7 +279,7 @@ def run_pipeline(
                     path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
                     _write_png(path, colorize(maps[i, j]))
                     paths[f] = str(path)
-            outcome = InstanceOutcome(inst.sop_instance_uid, "scored", None, scores, thresholds)
+            outcome = InstanceOutcome(inst.sop_instance_uid, "scored", None, scores, thresholds, population)
             rows.append(ResultRow(inst, outcome, flags, dict(thresholds), paths))
     return rows, forward_s
 
@@ -291,6 +309,7 @@ def store_results(
             "scores": dict(r.outcome.scores) or None,
             "flags": r.flags,
             "thresholds": r.thresholds,
+            "operating_point": r.outcome.population if r.outcome.outcome == "scored" else None,
             "heatmaps": r.heatmaps,
             "pipeline_version": pipeline_version,
             "received_at": r.instance.received_at,
@@ -314,12 +333,15 @@ def decide_study(
     thresholds: Mapping[str, float],
     settings: Settings,
     steering: frozenset[str] | None = None,
+    steering_by_population: Mapping[str, frozenset[str]] | None = None,
 ) -> Decision:
-    """The study decision; each instance is judged at the thresholds stored with it.
+    """The study decision; each instance is judged at the thresholds stored with it, and with
+    the steering findings of the operating point it was judged at (``steering_points``).
 
-    `thresholds` (the adult point) only judge outcomes that carry none of their own.
+    `thresholds` and `steering` (the adult point) only judge outcomes that carry none of their own.
     """
-    return decide([*work.done, *(r.outcome for r in rows)], thresholds, settings.triage, steering)
+    outcomes = [*work.done, *(r.outcome for r in rows)]
+    return decide(outcomes, thresholds, settings.triage, steering, steering_by_population)
 
 
 def final_state(decision: Decision) -> StudyState:

@@ -44,10 +44,10 @@ from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
 from worker.scoring import (
     decide_study,
     final_state,
-    model_steering,
     operating_points,
     pending_instances,
     run_pipeline,
+    steering_points,
     store_results,
 )
 from worker.triage import AI_UNAVAILABLE, Decision, Level
@@ -170,7 +170,8 @@ def score_claimed(
         work = pending_instances(session, study_id, model.ref)
     points = operating_points(model, settings)  # per population: each instance is judged at its own
     rows, _ = run_pipeline(model, work, settings, points)
-    decision = decide_study(work, rows, points[ADULT], settings, model_steering(model, settings))
+    steer = steering_points(model, settings)  # per population, like the thresholds
+    decision = decide_study(work, rows, points[ADULT], settings, steer[ADULT], steer)
     state = final_state(decision)
     with session_scope(factory) as session:
         now = utcnow()

@@ -27,6 +27,7 @@ from sqlalchemy import ColumnElement, and_, case, func
 
 from db.models import Study
 from models.findings import FINDING_INDEX
+from models.operating_points import ADULT
 from worker.config import TriageConfig
 
 AI_UNAVAILABLE = "AI unavailable – read as usual"
@@ -53,6 +54,9 @@ class InstanceOutcome:
     reason: str | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
     thresholds: Mapping[str, float] | None = None
+    # The operating point ("adult" | "paediatric") it was judged at; picks which findings steer
+    # when ``decide`` is given steering per population.  None: adult.
+    population: str | None = None
 
     def judged_at(self, default: Mapping[str, float]) -> Mapping[str, float]:
         """The thresholds this instance is judged at: its own, else the study-wide default."""
@@ -136,13 +140,15 @@ def steering_explanation(
         return f"informational: validation specificity {spec:.2f} at its threshold < {cfg.min_steering_specificity:.2f}"
     if evidence is not None:
         entry = evidence.get(finding) or {}
+        if not entry:
+            return "informational: no within-collection comparison measures it at this operating point"
         ci = entry.get("auc_ci95")
-        name = entry.get("comparison", "no adult within-collection comparison")
+        name = entry.get("comparison")
         if not ci:
-            return f"informational: no adult within-collection evidence ({name}: too few images)"
+            return f"informational: no within-collection evidence ({name}: too few images)"
         if float(ci[0]) < cfg.min_steering_within_auc:
             return (
-                f"informational: weak adult evidence, {name} AUC {float(entry.get('auc') or 0):.2f} "
+                f"informational: weak within-collection evidence, {name} AUC {float(entry.get('auc') or 0):.2f} "
                 f"[{float(ci[0]):.2f}, {float(ci[1]):.2f}], lower end < {cfg.min_steering_within_auc:.2f}"
             )
         return f"steers: {name} AUC {float(entry.get('auc') or 0):.2f} [{float(ci[0]):.2f}, {float(ci[1]):.2f}]"
@@ -225,14 +231,17 @@ def decide(
     thresholds: Mapping[str, float],
     cfg: TriageConfig,
     steering: Collection[str] | None = None,
+    steering_by_population: Mapping[str, Collection[str]] | None = None,
 ) -> Decision:
     """The study's final state and priority from its instances' outcomes.
 
     Each scored instance is judged at its own thresholds when it carries them (its population's
     operating point), else at `thresholds`: a study with a child's and an adult's film judges
-    each film as its own flags were judged.  Only `steering` findings (default: all) set the
-    level and the top finding; the others are still flagged (``flagged_findings``) and named
-    in the reason as informational.
+    each film as its own flags were judged.  Only steering findings set the level and the top
+    finding: those of the instance's population in `steering_by_population` when given (a
+    finding may have strong evidence in children and weak in adults), else `steering`
+    (default: all); the others are still flagged (``flagged_findings``) and named in the
+    reason as informational.
 
     Scored if any instance was scored (the study's level is its most urgent instance's);
     otherwise failed if any instance failed, else ineligible.  Both of the latter are
@@ -247,7 +256,10 @@ def decide(
         return Decision(state, reason, Level.ROUTINE, Level.ROUTINE, f"{AI_UNAVAILABLE} ({reason})", AI_UNAVAILABLE)
 
     def steer_of(o: InstanceOutcome) -> dict[str, float]:
-        return {f: t for f, t in o.judged_at(thresholds).items() if steering is None or f in steering}
+        allowed = steering
+        if steering_by_population is not None:
+            allowed = steering_by_population.get(o.population or ADULT, steering)
+        return {f: t for f, t in o.judged_at(thresholds).items() if allowed is None or f in allowed}
 
     def rank(o: InstanceOutcome) -> tuple[Level, float]:
         steer = steer_of(o)

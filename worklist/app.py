@@ -458,11 +458,11 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(413, f"file larger than {web.max_upload_mb} MB")
         if not data:
             raise HTTPException(400, "empty file")
-        from worker.scoring import model_steering, operating_points
+        from worker.scoring import operating_points, steering_points
 
         model = _model()
         try:
-            points, steering = operating_points(model, settings), model_steering(model, settings)
+            points, steering = operating_points(model, settings), steering_points(model, settings)
             result = imaging.analyse(data, model, points, settings, steering)
         except imaging.UnreadableImage as exc:
             raise HTTPException(400, str(exc)) from None
@@ -498,6 +498,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     def _admin_status(session: Session) -> dict[str, Any]:
         from models.card import ModelCard
+        from models.operating_points import PAEDIATRIC, POPULATIONS
         from models.registry import resolve_model_path
         from worker.scoring import card_evidence, card_specificity, card_steering
         from worker.triage import steering_explanation, thresholds_for
@@ -510,9 +511,13 @@ def create_app(settings: Settings) -> FastAPI:
                 "ref": card.ref,
                 "thresholds": thresholds_for(card.thresholds, settings.triage),
                 "steering": sorted(card_steering(card, settings)),
+                "steering_paediatric": sorted(card_steering(card, settings, PAEDIATRIC)),
                 "steering_reasons": {
-                    f: steering_explanation(f, card_specificity(card), settings.triage, card_evidence(card))
-                    for f in card.findings
+                    pop: {
+                        f: steering_explanation(f, card_specificity(card), settings.triage, card_evidence(card, pop))
+                        for f in card.findings
+                    }
+                    for pop in POPULATIONS
                 },
                 "paediatric_thresholds": thresholds_for(
                     {**card.thresholds, **card.thresholds_by_population.get("paediatric", {})}, settings.triage

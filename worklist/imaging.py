@@ -156,12 +156,13 @@ def analyse(
     model: Any,
     points: Mapping[str, Mapping[str, float]],
     settings: Any,
-    steering: frozenset[str] | None = None,
+    steering: Mapping[str, frozenset[str]] | None = None,
 ) -> Analysis:
     """Eligibility, pixel path, scores and heatmaps for one uploaded file, all in memory.
 
-    ``points`` are the thresholds per population (``worker.scoring.operating_points``): an
-    upload is judged at the operating point its header's age selects, as the worker would.
+    ``points`` and ``steering`` are the thresholds and steering findings per population
+    (``worker.scoring.operating_points`` / ``steering_points``): an upload is judged at the
+    operating point its header's age selects, as the worker would.
     """
     kind = _sniff(data)
     notes: list[str] = []
@@ -192,6 +193,7 @@ def analyse(
     point = decide_population(ds)
     notes.append(point.note)
     thresholds = dict(points.get(point.population, points[ADULT]))
+    steers = None if steering is None else steering.get(point.population, steering.get(ADULT))
     findings = list(model.card.findings)
     maps, probs = model.heatmaps(tensor[np.newaxis], findings)
     scores = {f: float(probs[0][j]) for j, f in enumerate(findings)}
@@ -209,8 +211,8 @@ def analyse(
         scores=scores,
         thresholds=dict(thresholds),
         flags=flags,
-        top_findings=[(f, s) for f, s in ranked if flags.get(f) and (steering is None or f in steering)],
-        informational=sorted(f for f in scores if steering is not None and f not in steering),
+        top_findings=[(f, s) for f, s in ranked if flags.get(f) and (steers is None or f in steers)],
+        informational=sorted(f for f in scores if steers is not None and f not in steers),
         image_png=png_bytes(shown),
         heatmap_pngs=heatmaps,
         model=model.ref,

@@ -46,12 +46,16 @@ USER, PASSWORD = "dr.browser", "browser-test-passphrase-42"
 CLI = [sys.executable, "-m", "worker.cli"]
 
 
-def chest_cr(image: Path, out: Path, patient_name: str, patient_id: str, accession: str, size: int = 1024) -> Path:
+def chest_cr(
+    image: Path, out: Path, patient_name: str, patient_id: str, accession: str, size: int = 1024, age: str = "003Y"
+) -> Path:
     """`image` (a real shared radiograph) as a CR chest AP instance of a new study.
 
     The shared Kermany JPEGs are 224 px, below the eligibility minimum, so the pixels are
     upscaled to a detector-sized 16-bit frame by the benchmark's `dx_from_image` (square, like
     the source) and wrapped by the pixel suite's `dicom_from_pixels` as CR Image Storage.
+    Kermany films are of children aged one to five, so the header says so (Patient's Age):
+    the worker judges them at the paediatric operating point, as it would at a hospital.
     """
     dx = dx_from_image(image, out.with_suffix(".dx.dcm"), rows=size, columns=size)
     pixels = pydicom.dcmread(dx).pixel_array
@@ -62,6 +66,7 @@ def chest_cr(image: Path, out: Path, patient_name: str, patient_id: str, accessi
         PatientName=patient_name,
         PatientID=patient_id,
         AccessionNumber=accession,
+        PatientAge=age,
         StudyDate=time.strftime("%Y%m%d"),
         StudyTime=time.strftime("%H%M%S"),
         StudyDescription="CHEST AP",
