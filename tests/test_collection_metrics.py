@@ -29,6 +29,7 @@ from training.collection_metrics import (
     normals_specificity,
     operating_points_from_card,
     render_collection_report,
+    steering_evidence,
     wilson_interval,
     within_collection_auc,
 )
@@ -341,3 +342,18 @@ def test_read_data_holdout_is_val_plus_test(nih, tmp_path: Path):
     assert info["split"] == "holdout"
     val, _ = read_data(tmp_path / "split.csv", "val")
     assert {r.given_split for r in val} == {"val"}
+
+
+def test_steering_evidence_per_operating_point(nih, kermany):
+    """The card's steering evidence: NIH comparisons for the adult point, Kermany for children;
+    a comparison the data could not measure is present with auc None (weak, never guessed)."""
+    recs = [*nih, *kermany[:100], *kermany[-100:]]  # both Kermany classes
+    report = collection_report(recs, _oracle(recs), ADULT_TH, n_boot=50)
+    ev = steering_evidence(report)
+    assert set(ev) == {"adult", "paediatric"}
+    assert set(ev["adult"]) == {"pneumonia", "mass", "covid19"} and set(ev["paediatric"]) == {"pneumonia"}
+    assert ev["adult"]["pneumonia"]["comparison"].startswith("NIH pneumonia")
+    assert ev["adult"]["mass"]["auc"] == 1.0 and ev["adult"]["mass"]["auc_ci95"] == [1.0, 1.0]
+    assert ev["paediatric"]["pneumonia"]["comparison"].startswith("Kermany")
+    assert ev["paediatric"]["pneumonia"]["n_pos"] > 0
+    assert ev["adult"]["covid19"]["auc"] is None and ev["adult"]["covid19"]["n_pos"] == 0  # no Actualmed here
