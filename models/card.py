@@ -14,6 +14,7 @@ from typing import Any
 
 from models.card_sections import (
     COLLECTIONS_TITLE,
+    fmt_number,
     render_collection_report,
     render_localisation,
     render_thresholds_by_population,
@@ -101,12 +102,7 @@ class ModelCard:
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
+_fmt = fmt_number
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ POOLED_NOTE = (
 )
 
 
-def _num(v: Any, digits: int = 3) -> str:
+def fmt_number(v: Any, digits: int = 3) -> str:
     """A number for a table cell; None (undefined, not zero) reads as n/a."""
     if v is None:
         return "n/a"
@@ -34,13 +34,13 @@ def _auc_cell(m: dict[str, Any]) -> str:
     if m.get("auc") is None:
         return "n/a" + (f" ({m['reason']})" if m.get("reason") else "")
     ci = m.get("auc_ci95")
-    return _num(m["auc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return fmt_number(m["auc"]) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _rate_cell(rate: Any, ci: Any) -> str:
     if rate is None:
         return "n/a"
-    return _num(rate) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return fmt_number(rate) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _counts(m: dict[str, Any]) -> str:
@@ -62,9 +62,8 @@ def _comparisons_table(comparisons: list[dict[str, Any]]) -> list[str]:
             if not op:
                 cells.append("n/a")
                 continue
-            cells.append(
-                f"{_num(op.get('sensitivity'))} / {_num(op.get('specificity'))} (t {_num(op.get('threshold'))})"
-            )
+            sens, spec, th = (fmt_number(op.get(k)) for k in ("sensitivity", "specificity", "threshold"))
+            cells.append(f"{sens} / {spec} (t {th})")
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -89,7 +88,7 @@ def _specificity_table(normals: dict[str, dict[str, Any]]) -> list[str]:
         for op_name, by_finding in s.get("by_operating_point", {}).items():
             for finding, m in by_finding.items():
                 rows.append(
-                    f"| {source} | {op_name} | {finding} | {_num(m.get('threshold'))} | {m.get('n', 0)} | "
+                    f"| {source} | {op_name} | {finding} | {fmt_number(m.get('threshold'))} | {m.get('n', 0)} | "
                     f"{_rate_cell(m.get('specificity'), m.get('specificity_ci95'))} | {m.get('fp', 0)} |"
                 )
     return rows
@@ -109,7 +108,7 @@ def _leak_lines(leak: dict[str, Any], sub: str) -> list[str]:
     if head and head.get("auc") is not None:
         a, b = head["pair"]
         lines.append(
-            f"**Headline: {a} vs {b}: AUC {_num(head['auc'])}** (n {head.get('n_a')} / {head.get('n_b')}); "
+            f"**Headline: {a} vs {b}: AUC {fmt_number(head['auc'])}** (n {head.get('n_a')} / {head.get('n_b')}); "
             f"{head.get('why', '')}"
         )
     else:
@@ -117,11 +116,11 @@ def _leak_lines(leak: dict[str, Any], sub: str) -> list[str]:
     if leak.get("pairs"):
         lines += ["", "| collection A | collection B | n A | n B | leak AUC |", "| --- | --- | --- | --- | --- |"]
         for p in leak["pairs"]:
-            lines.append(f"| {p['a']} | {p['b']} | {p['n_a']} | {p['n_b']} | {_num(p.get('auc'))} |")
+            lines.append(f"| {p['a']} | {p['b']} | {p['n_a']} | {p['n_b']} | {fmt_number(p.get('auc'))} |")
     multi = leak.get("multi") or {}
     if multi:
         counts = ", ".join(f"{k} {v}" for k, v in multi.get("collections", {}).items())
-        auc = _num(multi.get("macro_ovr_auc"))
+        auc = fmt_number(multi.get("macro_ovr_auc"))
         why = f" ({multi['reason']})" if multi.get("reason") else ""
         lines += ["", f"All collections at once (macro one-vs-rest AUC): {auc}{why}; n per collection: {counts}."]
     skipped = leak.get("skipped") or {}
@@ -139,9 +138,9 @@ def _calibration_table(calibration: dict[str, dict[str, Any]]) -> list[str]:
     for finding, c in calibration.items():
         a = c.get("all") or {}
         if a.get("n"):
-            rows.append(f"| {finding} | all labelled | {a['n']} ({a.get('n_pos', 0)}) | {_num(a.get('ece'))} |")
+            rows.append(f"| {finding} | all labelled | {a['n']} ({a.get('n_pos', 0)}) | {fmt_number(a.get('ece'))} |")
         for source, m in c.get("by_source", {}).items():
-            rows.append(f"| {finding} | {source} | {m['n']} ({m.get('n_pos', 0)}) | {_num(m.get('ece'))} |")
+            rows.append(f"| {finding} | {source} | {m['n']} ({m.get('n_pos', 0)}) | {fmt_number(m.get('ece'))} |")
     return rows
 
 
@@ -197,7 +196,7 @@ def render_thresholds_by_population(by_population: dict[str, dict[str, float]] |
         return []
     lines = ["Thresholds by population (used when the population of the image is known):", ""]
     for pop, th in by_population.items():
-        lines.append(f"- {pop}: " + ", ".join(f"{f} {_num(v)}" for f, v in th.items()))
+        lines.append(f"- {pop}: " + ", ".join(f"{f} {fmt_number(v)}" for f, v in th.items()))
     return lines
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,33 +109,42 @@ def read_folder_per_class(
     return records
 
 
+def _listed_images(csv_path: Path, image_dir: Path, column: str) -> Iterator[tuple[dict[str, str], Path]]:
+    """(row, image path) for every row of a labels CSV; a listed image that is missing is an
+    error, not a silent gap in the counts the README states."""
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            path = image_dir / row[column].strip()
+            if not path.exists():
+                raise FileNotFoundError(f"{csv_path}: listed image missing: {path}")
+            yield row, path
+
+
+def _population(age: str) -> str:
+    """Adult unless a numeric age in years says under 18 (a missing age is an adult film here)."""
+    return "paediatric" if age.isdigit() and int(age) < 18 else "adult"
+
+
 def read_nih_csv(root: str | Path, source: str = "nih") -> list[Record]:
     """NIH ChestX-ray14 style: ``root/labels.csv`` (Image Index, Finding Labels, Patient ID, ...) + ``root/images``."""
     root = Path(root)
     csv_path = root / "labels.csv"
     image_dir = root / "images"
     records: list[Record] = []
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            path = image_dir / row["Image Index"]
-            if not path.exists():
-                raise FileNotFoundError(f"{csv_path}: listed image missing: {path}")
-            age = row.get("Patient Age", "").strip()
-            population = "adult"
-            if age.isdigit() and int(age) < 18:
-                population = "paediatric"
-            records.append(
-                Record(
-                    path=path,
-                    source=source,
-                    patient_id=f"{source}:{row['Patient ID'].strip()}",
-                    labels=nih_labels(row["Finding Labels"]),
-                    population=population,
-                    raw_label=row["Finding Labels"].strip(),
-                    view=row.get("View Position", "").strip().upper(),
-                    extra={"age": age, "sex": row.get("Patient Gender", "").strip()},
-                )
+    for row, path in _listed_images(csv_path, image_dir, "Image Index"):
+        age = row.get("Patient Age", "").strip()
+        records.append(
+            Record(
+                path=path,
+                source=source,
+                patient_id=f"{source}:{row['Patient ID'].strip()}",
+                labels=nih_labels(row["Finding Labels"]),
+                population=_population(age),
+                raw_label=row["Finding Labels"].strip(),
+                view=row.get("View Position", "").strip().upper(),
+                extra={"age": age, "sex": row.get("Patient Gender", "").strip()},
             )
+        )
     return records
 
 
@@ -192,54 +201,40 @@ def read_rsna_normals(root: str | Path, source: str = "rsna-normals") -> list[Re
     """RSNA adult normals: ``root/labels.csv`` (file, finding, source_file) + ``root/images``.
 
     RSNA kept about one image per patient and publishes no patient IDs, so each image is its
-    own patient; a listed file that is missing is an error, not a silent gap in the counts.
+    own patient.
     """
     root = Path(root)
-    csv_path = root / "labels.csv"
-    records: list[Record] = []
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            path = root / row["file"].strip()
-            if not path.exists():
-                raise FileNotFoundError(f"{csv_path}: listed image missing: {path}")
-            records.append(
-                Record(
-                    path=path,
-                    source=source,
-                    patient_id=f"{source}:{path.stem}",
-                    labels=rsna_normal_labels(row["finding"]),
-                    population="adult",
-                    raw_label=row["finding"].strip(),
-                    view="",
-                )
-            )
-    return records
+    return [
+        Record(
+            path=path,
+            source=source,
+            patient_id=f"{source}:{path.stem}",
+            labels=rsna_normal_labels(row["finding"]),
+            population="adult",
+            raw_label=row["finding"].strip(),
+        )
+        for row, path in _listed_images(root / "labels.csv", root, "file")
+    ]
 
 
 def read_ieee8023(root: str | Path, source: str = "ieee8023-noncovid") -> list[Record]:
     """ieee8023 case-report collection: ``root/metadata.csv`` (file, patientid, age, finding, view, ...)."""
     root = Path(root)
-    csv_path = root / "metadata.csv"
     records: list[Record] = []
-    with csv_path.open(newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            path = root / row["file"].strip()
-            if not path.exists():
-                raise FileNotFoundError(f"{csv_path}: listed image missing: {path}")
-            age = row.get("age", "").strip()
-            population = "paediatric" if age.isdigit() and int(age) < 18 else "adult"
-            records.append(
-                Record(
-                    path=path,
-                    source=source,
-                    patient_id=f"{source}:{row['patientid'].strip() or path.stem}",
-                    labels=ieee8023_noncovid_labels(row.get("finding", "")),
-                    population=population,
-                    raw_label=row.get("finding", "").strip(),
-                    view=row.get("view", "").strip().upper(),
-                    extra={"age": age, "sex": row.get("sex", "").strip(), "license": row.get("license", "").strip()},
-                )
+    for row, path in _listed_images(root / "metadata.csv", root, "file"):
+        age = row.get("age", "").strip()
+        records.append(
+            Record(
+                path=path,
+                source=source,
+                patient_id=f"{source}:{row['patientid'].strip() or path.stem}",
+                labels=ieee8023_noncovid_labels(row.get("finding", "")),
+                population=_population(age),
+                raw_label=row.get("finding", "").strip(),
+                view=row.get("view", "").strip().upper(),
+                extra={"age": age, "sex": row.get("sex", "").strip(), "license": row.get("license", "").strip()},
             )
+        )
     return records
 
 
