@@ -262,10 +262,29 @@ def test_weak_within_collection_evidence_does_not_steer() -> None:
             "comparison": "NIH pneumonia/consolidation vs NIH No Finding",
             "auc": 0.82,
             "auc_ci95": [0.71, 0.91],
+            "n_pos": 29,
+            "n_neg": 28,
         },
-        "mass": {"comparison": "NIH mass/nodule vs NIH No Finding", "auc": 0.62, "auc_ci95": [0.49, 0.74]},
+        "mass": {
+            "comparison": "NIH mass/nodule vs NIH No Finding",
+            "auc": 0.62,
+            "auc_ci95": [0.49, 0.74],
+            "n_pos": 43,
+            "n_neg": 28,
+        },
         "covid19": {"comparison": "Actualmed COVID-19 vs no finding", "auc": None, "auc_ci95": None},
     }
+    # a strong-looking interval from a dozen films is no evidence either
+    tiny = {
+        "comparison": "Actualmed COVID-19 vs no finding",
+        "auc": 0.9,
+        "auc_ci95": [0.63, 1.0],
+        "n_pos": 8,
+        "n_neg": 5,
+    }
+    assert steering_findings(spec, cfg, {**evidence, "covid19": tiny}) == {"pneumonia"}
+    assert "8 positive, 5 negative" in steering_explanation("covid19", spec, cfg, {"covid19": tiny})
+    assert steering_findings(spec, TriageConfig(min_steering_evidence_images=5), {"covid19": tiny}) == {"covid19"}
     assert steering_findings(spec, cfg, evidence) == {"pneumonia"}
     assert steering_findings(spec, cfg) == set(spec)  # an old card without evidence: specificity alone
     assert steering_findings(spec, TriageConfig(min_steering_within_auc=0.45), evidence) == {"pneumonia", "mass"}
@@ -275,7 +294,7 @@ def test_weak_within_collection_evidence_does_not_steer() -> None:
     why = {f: steering_explanation(f, spec, cfg, evidence) for f in spec}
     assert why["pneumonia"].startswith("steers: NIH pneumonia")
     assert "weak within-collection evidence" in why["mass"] and "[0.49, 0.74]" in why["mass"]
-    assert "too few images" in why["covid19"]
+    assert "too little within-collection evidence" in why["covid19"]
     assert "specificity 0.30" in steering_explanation("mass", {**spec, "mass": 0.3}, cfg, evidence)
     assert steering_explanation("mass", spec, TriageConfig(thresholds={"mass": 0.4}), evidence).startswith("steers")
 
@@ -289,15 +308,23 @@ def test_the_shipped_card_steers_only_on_its_evidence() -> None:
     card = ModelCard.load(DEFAULT_MODEL_DIR / "card.json")
     spec = card_specificity(card)
     assert set(spec) == {"pneumonia", "mass", "covid19"} and all(v is not None for v in spec.values())
+    cfg = TriageConfig()
     adult = card_evidence(card)
     assert adult is not None and set(adult) == set(spec)  # every finding has an adult comparison
     assert set(card_evidence(card, "paediatric") or {}) == {"pneumonia"}  # Kermany only labels pneumonia
     for population in ("adult", "paediatric"):
         evidence = card_evidence(card, population) or {}
         steering = card_steering(card, Settings(), population)
+        own_spec = card_specificity(card, population)  # that population's images at its own point
         for f in spec:
-            ci = (evidence.get(f) or {}).get("auc_ci95")
-            holds = bool(ci) and ci[0] >= TriageConfig().min_steering_within_auc and spec[f] >= 0.5
+            e = evidence.get(f) or {}
+            ci, n = e.get("auc_ci95"), min(e.get("n_pos", 0), e.get("n_neg", 0))
+            holds = (
+                bool(ci)
+                and ci[0] >= cfg.min_steering_within_auc
+                and n >= cfg.min_steering_evidence_images
+                and own_spec[f] >= cfg.min_steering_specificity
+            )
             assert (f in steering) == holds, (population, f)
 
 

@@ -339,11 +339,11 @@ def steering_limitations(card: ModelCard) -> list[str]:
     from worker.scoring import card_evidence, card_specificity
     from worker.triage import steering_explanation
 
-    spec, cfg = card_specificity(card), TriageConfig()
+    cfg = TriageConfig()
     lines = []
     for pop in POPULATIONS:
         for f in card.findings:
-            why = steering_explanation(f, spec, cfg, card_evidence(card, pop))
+            why = steering_explanation(f, card_specificity(card, pop), cfg, card_evidence(card, pop))
             lines.append(f"Triage, {pop} operating point, {f}: {why} (default policy, docs/triage.md).")
     return lines
 

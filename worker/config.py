@@ -194,6 +194,9 @@ class TriageConfig(_Section):
     # split: e.g. NIH pneumonia vs NIH "No Finding") must reach this.  Pooled AUCs do not count:
     # they can be won by recognising collections.  A site threshold override steers regardless.
     min_steering_within_auc: Annotated[float, Field(ge=0, le=1)] = 0.6
+    # An interval from fewer images than this per class is no evidence at all: a bootstrap of a
+    # dozen films gives an interval far narrower than what the model would show elsewhere.
+    min_steering_evidence_images: Annotated[int, Field(ge=1)] = 20
     # A study waiting longer than this (minutes since its first instance) rises one level.
     escalate_after_min: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=lambda: {"routine": 240.0, "urgent": 60.0}

@@ -205,12 +205,17 @@ def _population(point: PopulationDecision | None) -> str:
     return point.population if point is not None else ADULT
 
 
-def card_specificity(card: Any) -> dict[str, float | None]:
-    """Validation specificity at each finding's operating threshold, from the model card."""
-    overall = (card.validation_metrics or {}).get("overall", {})
+def card_specificity(card: Any, population: str = ADULT) -> dict[str, float | None]:
+    """Validation specificity at each finding's operating threshold, from the model card: that
+    population's images at its own point where the card has them, else all images."""
+    metrics = card.validation_metrics or {}
+    overall = metrics.get("overall", {})
+    own = (metrics.get("by_population") or {}).get(population) or {}
     out: dict[str, float | None] = {}
     for f in card.findings:
-        spec = ((overall.get(f) or {}).get("operating_point") or {}).get("specificity")
+        spec = ((own.get(f) or {}).get("operating_point") or {}).get("specificity")
+        if spec is None:
+            spec = ((overall.get(f) or {}).get("operating_point") or {}).get("specificity")
         out[f] = float(spec) if spec is not None else None
     return out
 
@@ -218,7 +223,7 @@ def card_specificity(card: Any) -> dict[str, float | None]:
 def card_steering(card: Any, settings: Settings, population: str = ADULT) -> frozenset[str]:
     """Findings of the model with this card allowed to raise priority at this site, for images
     judged at a population's operating point."""
-    return steering_findings(card_specificity(card), settings.triage, card_evidence(card, population))
+    return steering_findings(card_specificity(card, population), settings.triage, card_evidence(card, population))
 
 
 def card_evidence(card: Any, population: str = ADULT) -> dict[str, Any] | None:

@@ -122,8 +122,10 @@ def steering_findings(
 def _evidence_holds(entry: Mapping[str, Any] | None, cfg: TriageConfig, no_evidence_recorded: bool) -> bool:
     if no_evidence_recorded:
         return True
-    ci = (entry or {}).get("auc_ci95")
-    return bool(ci) and float(ci[0]) >= cfg.min_steering_within_auc
+    entry = entry or {}
+    ci = entry.get("auc_ci95")
+    enough = min(int(entry.get("n_pos") or 0), int(entry.get("n_neg") or 0)) >= cfg.min_steering_evidence_images
+    return bool(ci) and enough and float(ci[0]) >= cfg.min_steering_within_auc
 
 
 def steering_explanation(
@@ -144,8 +146,12 @@ def steering_explanation(
             return "informational: no within-collection comparison measures it at this operating point"
         ci = entry.get("auc_ci95")
         name = entry.get("comparison")
-        if not ci:
-            return f"informational: no within-collection evidence ({name}: too few images)"
+        n_pos, n_neg = int(entry.get("n_pos") or 0), int(entry.get("n_neg") or 0)
+        if not ci or min(n_pos, n_neg) < cfg.min_steering_evidence_images:
+            return (
+                f"informational: too little within-collection evidence ({name}: {n_pos} positive, {n_neg} negative "
+                f"test images; {cfg.min_steering_evidence_images} of each needed)"
+            )
         if float(ci[0]) < cfg.min_steering_within_auc:
             return (
                 f"informational: weak within-collection evidence, {name} AUC {float(entry.get('auc') or 0):.2f} "

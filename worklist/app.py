@@ -514,7 +514,9 @@ def create_app(settings: Settings) -> FastAPI:
                 "steering_paediatric": sorted(card_steering(card, settings, PAEDIATRIC)),
                 "steering_reasons": {
                     pop: {
-                        f: steering_explanation(f, card_specificity(card), settings.triage, card_evidence(card, pop))
+                        f: steering_explanation(
+                            f, card_specificity(card, pop), settings.triage, card_evidence(card, pop)
+                        )
                         for f in card.findings
                     }
                     for pop in POPULATIONS
