@@ -27,8 +27,8 @@ INTENDED_USE = (
 )
 DEFAULT_LIMITATIONS = (
     "Not a diagnosis: every image must still be read by a qualified reader; a low score does not exclude disease.",
-    "Trained from scratch (no ImageNet weights) on about 6,000 public images: Kermany paediatric images dominate; "
-    "adult pneumonia, mass and COVID-19 examples number only in the hundreds.",
+    "Trained from scratch (no ImageNet weights) on about 8,300 public images: Kermany children and RSNA adult "
+    "normals dominate; adult pneumonia, mass and COVID-19 examples number only in the hundreds.",
     "COVID-19 positives come from three small collections (about 130 patients), many ICU/AP images with lines and "
     "tubes; the COVID-19 score may partly reflect 'ICU image' and its interval is wide.",
     "NIH labels were mined from reports and are noisy; 'mass' merges NIH Mass and Nodule.",

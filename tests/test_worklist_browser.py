@@ -30,19 +30,17 @@ from tests.conftest import REPO, shared_file
 from tests.plugins.scoring import study_uid_of
 from tests.plugins.worklist_browser import ARTIFACTS, PASSWORD, USER, BrowserStack, chest_cr
 
-# Chosen once by hand with the shipped model (models/default, default@1.0.0): `xray-triage
-# predict --json` over every 400th PNEUMONIA and every NORMAL file of shared/data/kermany/train,
-# then over the lowest-scoring normals wrapped exactly as this test wraps them (chest_cr).
-#   PNEUMONIA/person1000_bacteria_2931.jpeg: JPEG pneumonia 1.000 (mass 0.188, covid19 0.001);
-#     as the pushed CR: pneumonia 0.997, mass 0.404, covid19 0.001 -> above the critical 0.9.
-#   NORMAL/NORMAL2-IM-0585-0001.jpeg: JPEG pneumonia 0.028, mass 0.137, covid19 0.000 (the
-#     lowest mass score of all 1341 normals); as the pushed CR: pneumonia 0.034, mass 0.115,
-#     covid19 0.000 -> below the steering thresholds (pneumonia 0.542, COVID-19 0.299 from the
-#     card); mass is flagged at the card's 0.133 only on the pneumonia film, and mass does not
-#     steer with this model (validation specificity 0.08: see the browser_stack fixture).
+# Chosen once by hand with the shipped model (models/default, default@2.0.0): the lowest-scoring
+# of all 1341 Kermany normals, then wrapped exactly as this test wraps them (chest_cr, Patient's
+# Age 003Y, so the paediatric operating point applies: pneumonia 0.330, mass 0.021, covid19 0.019).
+#   PNEUMONIA/person1000_bacteria_2931.jpeg as the pushed CR: pneumonia 0.998 (above the
+#     critical 0.9; pneumonia steers for children on its Kermany evidence), mass 0.534 (flagged,
+#     informational: mass steers for nobody with this model), covid19 0.000.
+#   NORMAL/IM-0679-0001.jpeg as the pushed CR: pneumonia 0.003, mass 0.014, covid19 0.000: below
+#     every paediatric threshold, so nothing is flagged.
 # The verdicts are asserted through the UI below, so a changed model fails this test loudly.
 PNEUMONIA_JPEG = ("kermany", "train", "PNEUMONIA", "person1000_bacteria_2931.jpeg")
-NORMAL_JPEG = ("kermany", "train", "NORMAL", "NORMAL2-IM-0585-0001.jpeg")
+NORMAL_JPEG = ("kermany", "train", "NORMAL", "IM-0679-0001.jpeg")
 
 WAIT_S = 60  # generous: pages, images and the worklist's refresh (every web.refresh_s = 5 s)
 DOC_IMAGES = REPO / "docs" / "img"

@@ -163,10 +163,9 @@ def browser_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserS
     """The product on the embedded default, started the way a site starts it; users added by the CLI."""
     var = tmp_path_factory.mktemp("browser")
     web = {"bind_address": "127.0.0.1", "port": free_port()}
-    # The site's default triage policy: the shipped model's mass operating point (validation
-    # specificity 0.08) flags every Kermany normal, so mass is informational only and does not
-    # steer (triage.min_steering_specificity); pneumonia and COVID-19 steer with the card's
-    # thresholds and the default critical thresholds.
+    # The site's default triage policy: findings steer per operating point on the card's
+    # within-collection evidence (docs/triage.md); with the shipped model only pneumonia on a
+    # child's film steers, with the card's paediatric threshold and the default critical one.
     settings = scoring_settings(
         f"sqlite:///{var / 'xray-triage.db'}",
         f"sqla+sqlite:///{var / 'broker.db'}",
