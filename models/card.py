@@ -144,6 +144,13 @@ def render_markdown(card: ModelCard) -> str:
     # Within-collection figures come before anything pooled: pooled AUCs mix collections and can
     # be won by recognising the collection, so they are not what a reader should see first.
     # The test split first: validation also chose the checkpoint and the thresholds.
+    held = (card.test_metrics or {}).get("held_out") or {}
+    if held.get("collections"):
+        title = (
+            f"{COLLECTIONS_TITLE}: collections never trained on ({', '.join(held['sources'])}), "
+            "all films outside validation"
+        )
+        lines += ["", *render_collection_report(held["collections"], title=title)]
     for split_name, m in (("test", card.test_metrics), ("validation", card.validation_metrics)):
         if m and m.get("collections"):
             lines += ["", *render_collection_report(m["collections"], title=f"{COLLECTIONS_TITLE}: {split_name}")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -87,3 +88,24 @@ def test_same_seed_same_run(tmp_path):
         card = json.loads((tmp_path / str(i) / "out" / "card.json").read_text())
         outs.append((hist[0]["loss"], card["thresholds"], card["split"]["sha256"]))
     assert outs[0] == outs[1]
+
+
+def test_a_collection_held_out_of_training_is_judged_on_all_its_images(tmp_path):
+    """train_sources without NIH: no NIH film is drawn, and the card reports NIH on every one of
+    its films outside validation (which calibrates) and takes the NIH steering evidence from there."""
+    from models.card import ModelCard
+    from training.splits import read_split
+
+    sources = ["kermany", "rsna-normals", "ieee8023-noncovid", "covid-hannover", "covid-actualmed", "covid-figure1"]
+    cfg = tiny_config(tmp_path, name="held", epochs=1, train_sources=sources)
+    out = Path(train(cfg, resume=False, progress=False)).parent
+    card = ModelCard.load(out)
+    held = card.test_metrics["held_out"]
+    n_nih = sum(r.source == "nih" and r.given_split != "val" for r in read_split(tmp_path / "run" / "split.csv"))
+    assert held["sources"] == ["nih"] and held["n_images"] == n_nih
+    nih_pneumonia = next(c for c in held["collections"]["comparisons"] if c["name"].startswith("NIH pneumonia"))
+    assert card.steering_evidence["adult"]["pneumonia"]["n_pos"] == nih_pneumonia["n_pos"]
+    assert (
+        "collections never trained on (nih), all images"
+        in (Path(train(cfg, progress=False)).parent / "card.md").read_text()
+    )

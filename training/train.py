@@ -331,6 +331,13 @@ def population_thresholds(
     return out
 
 
+def merge_comparisons(report: dict[str, Any], held: dict[str, Any], held_out: list[str]) -> dict[str, Any]:
+    """The test report's comparisons, with those of held-out collections taken from ``held``."""
+    mine = [c for c in report.get("comparisons", []) if c.get("source") not in held_out]
+    theirs = [c for c in held.get("comparisons", []) if c.get("source") in held_out]
+    return {**report, "comparisons": [*theirs, *mine]}
+
+
 def steering_limitations(card: ModelCard) -> list[str]:
     """The card says, per operating point, which findings steer a worklist under the default
     triage policy and why not the others (the rule itself is worker.triage's)."""
@@ -472,19 +479,19 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
 
     # --- calibrate, threshold, export ------------------------------------------------------
     best = keras.saving.load_model(run / "best.keras", compile=False)
-    # Calibration and thresholds are fitted on the validation images of the training collections
-    # only (all of validation unless train_sources holds a collection out).
-    fit = np.isin(va, sel_va)
+    # Calibration and thresholds are fitted on all of validation, a held-out collection's
+    # validation films included: they are the only real positives some findings have (mass, when
+    # NIH is held out), and a threshold must be set on the kind of film it will judge.  The
+    # held-out collection's other films stay untouched (below).
     p_val = predict_array(best, x_all[va])
     platt = []
     for j in range(len(FINDING_NAMES)):
-        y, s = M.labelled(y_all[va[fit], j], p_val[fit, j])
+        y, s = M.labelled(y_all[va, j], p_val[:, j])
         platt.append(M.fit_platt(y, s) if cfg.calibration == "platt" else (1.0, 0.0))
     fold_platt(best, platt)
     p_val = predict_array(best, x_all[va])
     p_test = predict_array(best, x_all[te]) if len(te) else np.zeros((0, len(FINDING_NAMES)), "float32")
-    pops_fit = [pops[i] for i in va[fit]]
-    by_population = population_thresholds(y_all[va[fit]], p_val[fit], pops_fit, cfg.target_sensitivity)
+    by_population = population_thresholds(y_all[va], p_val, [pops[i] for i in va], cfg.target_sensitivity)
     thresholds = by_population.pop("adult")
     n_boot = int(cfg.hp("bootstrap", 1000))
     pop_va, pop_te = [pops[i] for i in va], [pops[i] for i in te]
@@ -495,6 +502,18 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     val_metrics["collections"] = collection_report([recs[i] for i in va], p_val, ops, n_boot=n_boot)
     if len(te):
         test_metrics["collections"] = collection_report([recs[i] for i in te], p_test, ops, n_boot=n_boot)
+    # A collection held out of training is judged on all of its films outside validation: never
+    # trained on, never used to choose anything, the largest such sample there is, and what
+    # steering is decided on.
+    evidence_report = test_metrics.get("collections") or val_metrics["collections"]
+    held_out = sorted({r.source for r in recs} - set(only)) if only else []
+    if held_out:
+        outside_val = split_arr != "val"
+        hold = np.flatnonzero(np.isin(np.array([r.source for r in recs]), held_out) & outside_val)
+        p_hold = predict_array(best, x_all[hold])
+        held_report = collection_report([recs[i] for i in hold], p_hold, ops, n_boot=n_boot)
+        test_metrics["held_out"] = {"sources": held_out, "n_images": len(hold), "collections": held_report}
+        evidence_report = merge_comparisons(evidence_report, held_report, held_out)
     normals_te = [i for i in te if recs[i].source == "rsna-normals"][: int(cfg.hp("localisation_images", 300))]
     if normals_te and cfg.synthetic_nodules:
         from models.gradcam import gradcam
@@ -533,7 +552,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
         parameters=int(best.count_params()),
         thresholds=thresholds,
         thresholds_by_population=by_population,
-        steering_evidence=steering_evidence((test_metrics or val_metrics)["collections"]),
+        steering_evidence=steering_evidence(evidence_report),
         target_sensitivity=cfg.target_sensitivity,
         calibration={
             "method": cfg.calibration,
