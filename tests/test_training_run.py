@@ -64,8 +64,9 @@ def test_evaluation_report(tiny_model_dir, tmp_path):
         m = metrics["findings"][name]
         if m["n_pos"] and m["n_neg"]:
             assert 0.0 <= m["auc"] <= 1.0
-            lo, hi = m["auc_ci95"]
-            assert lo <= m["auc"] + 1e-9 and m["auc"] - 1e-9 <= hi
+            if m["n_pos"] >= 2 and m["n_neg"] >= 2:  # a bootstrap interval needs two of each
+                lo, hi = m["auc_ci95"]
+                assert lo <= m["auc"] + 1e-9 and m["auc"] - 1e-9 <= hi
             op = m["operating_point"]
             assert op["tp"] + op["fn"] == m["n_pos"] and op["tn"] + op["fp"] == m["n_neg"]
             assert 0.0 <= m["brier"] <= 1.0 and 0.0 <= m["ece"] <= 1.0
@@ -106,6 +107,6 @@ def test_a_collection_held_out_of_training_is_judged_on_all_its_images(tmp_path)
     nih_pneumonia = next(c for c in held["collections"]["comparisons"] if c["name"].startswith("NIH pneumonia"))
     assert card.steering_evidence["adult"]["pneumonia"]["n_pos"] == nih_pneumonia["n_pos"]
     assert (
-        "collections never trained on (nih), all images"
+        "collections never trained on (nih), all films outside validation"
         in (Path(train(cfg, progress=False)).parent / "card.md").read_text()
     )

@@ -346,7 +346,10 @@ def test_analyse_page_scores_an_uploaded_image(browser_stack: BrowserStack, chro
     score, threshold = (float(td.text) for td in pneumonia.find_elements(By.CSS_SELECTOR, "td.num"))
     assert score >= threshold, (score, threshold)
     assert "flagged" not in scores["covid19"].get_attribute("class").split()
-    assert "Pneumonia" in driver.find_element(By.ID, "top-findings").text
+    # A JPEG has no header, so the adult operating point: pneumonia does not steer there with
+    # this model (weak adult evidence), so it is flagged but marked informational, not a top finding.
+    assert "(informational)" in pneumonia.text
+    assert "none above threshold" in driver.find_element(By.ID, "top-findings").text
     assert driver.find_element(By.CSS_SELECTOR, "#analysis h2").text == PNEUMONIA_JPEG[-1]
     radiograph = driver.find_element(By.CSS_SELECTOR, "#analysis img.radiograph")
     heatmap = driver.find_element(By.CSS_SELECTOR, '#analysis img.heatmap[data-finding="pneumonia"]')
