@@ -19,6 +19,8 @@ from worker.config import Settings
 log = logging.getLogger("xray_triage.runner")
 
 STOP_GRACE_S = 15.0
+# After a child exits, how long to wait for a Ctrl-C or SIGTERM that stopped it to reach us too.
+SIGNAL_GRACE_S = 1.0
 
 
 def worker_argv(settings: Settings, queues: Sequence[str], concurrency: int) -> list[str]:
@@ -98,19 +100,24 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
         nonlocal terminated
         terminated = True
 
-    previous = signal.signal(signal.SIGTERM, _on_term)
+    # Ctrl-C reaches the whole process group: a child may stop before this process has seen the
+    # signal, so SIGINT is a flag too, and a child's exit gets a moment to turn out to be that.
+    previous = {sig: signal.signal(sig, _on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
     code = 0
     try:
         while not terminated:
             exited = [c for c in children if c.poll() is not None]
             if exited:
-                code = exited[0].returncode or 1
-                log.error("a child process exited with status %s; stopping the others", exited[0].returncode)
+                time.sleep(SIGNAL_GRACE_S)
+                if not terminated:
+                    code = exited[0].returncode or 1
+                    log.error("a child process exited with status %s; stopping the others", exited[0].returncode)
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
         code = 0
     finally:
         _stop(children)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code
