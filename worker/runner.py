@@ -114,8 +114,6 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
                     log.error("a child process exited with status %s; stopping the others", exited[0].returncode)
                 break
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        code = 0
     finally:
         _stop(children)
         for sig, handler in previous.items():
