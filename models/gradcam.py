@@ -8,6 +8,10 @@ backend and costs one forward pass for all findings at once.  For a foreign mode
 differs, ``gradcam_gradient`` computes the textbook Grad-CAM with TensorFlow gradients; the
 tests check that both agree on our models.
 
+A finding scored from its own dense map (``models.architectures.map_layer_name``, e.g. mass
+and nodule at stride 8) needs no Grad-CAM: its heatmap is that map, which the model was trained
+to light up where an inserted lesion lies, through the model's calibration, per cell.
+
 Maps are (size, size) like the letterboxed model input.  ``colorize`` turns one into the RGBA
 PNG the worker stores and the viewer overlays; ``crop_letterbox`` maps it back onto the image
 (both live in ``models.heatmap_image``, which the web app imports without loading Keras).
@@ -21,18 +25,34 @@ from typing import Any
 import keras
 import numpy as np
 
-from models.architectures import CAM_LAYER, LOGITS_LAYER
+from models.architectures import CALIBRATION_LAYER, CAM_LAYER, LOGITS_LAYER, map_layer_name
 from models.findings import FINDING_INDEX, FINDING_NAMES
 from models.heatmap_image import colorize, crop_letterbox, ramp
 
 __all__ = ["colorize", "crop_letterbox", "gradcam", "gradcam_gradient", "overlay"]
 
 
+def _map_findings(model: keras.Model) -> list[str]:
+    """Findings this model scores from a dense map of its own, in FINDING_NAMES order."""
+    names = {layer.name for layer in model.layers}
+    return [f for f in FINDING_NAMES if map_layer_name(f) in names]
+
+
+def _calibration(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        scale, offset = model.get_layer(CALIBRATION_LAYER).get_weights()
+    except ValueError:
+        return np.ones(len(FINDING_NAMES), "float32"), np.zeros(len(FINDING_NAMES), "float32")
+    return np.asarray(scale, "float32"), np.asarray(offset, "float32")
+
+
 def _feature_model(model: keras.Model, layer: str = CAM_LAYER) -> keras.Model:
+    """[cam features, each dense finding map, scores] in one forward pass (cached per model)."""
     cached = getattr(model, "_xt_cam_model", None)
     if cached is not None:
         return cached
-    feat = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    maps = [model.get_layer(map_layer_name(f)).output for f in _map_findings(model)]
+    feat = keras.Model(model.inputs, [model.get_layer(layer).output, *maps, model.output])
     try:
         model._xt_cam_model = feat  # cache on the instance: building the sub-model is not free
     except AttributeError:  # pragma: no cover - Keras may forbid new attributes on some versions
@@ -77,7 +97,8 @@ def gradcam(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps (n, len(findings), H, W) in [0, 1] aligned with ``images`` (n, H, W, 1), and scores (n, 3).
 
-    Uses the exact closed form for our head; falls back to gradients for any other head.
+    Uses the exact closed form for our head, and a finding's own dense map where it has one;
+    falls back to gradients for any other head.
     """
     images = np.asarray(images, dtype="float32")
     if images.ndim == 3:
@@ -89,13 +110,21 @@ def gradcam(
         feat_model = _feature_model(model)
     except (ValueError, KeyError, IndexError):
         return gradcam_gradient(model, images, findings)
+    own = _map_findings(model)
+    scale, offset = _calibration(model)
     maps_all, scores_all = [], []
     for start in range(0, len(images), batch_size):
-        feats, scores = feat_model.predict_on_batch(images[start : start + batch_size])
+        feats, *dense_maps, scores = feat_model.predict_on_batch(images[start : start + batch_size])
         feats = np.asarray(feats, dtype="float32")
         h, w = feats.shape[1:3]
         cams = np.einsum("nhwk,kc->nhwc", feats, kernel[:, idx]) / float(h * w)
-        maps_all.append(_upsample(cams, images.shape[1:3]))
+        cams = _upsample(cams, images.shape[1:3])
+        for c, j in enumerate(idx):
+            if FINDING_NAMES[j] in own:
+                logit = np.asarray(dense_maps[own.index(FINDING_NAMES[j])], dtype="float32")
+                prob = 1.0 / (1.0 + np.exp(-(scale[j] * logit + offset[j])))
+                cams[..., c] = _upsample(prob, images.shape[1:3])[..., 0]
+        maps_all.append(cams)
         scores_all.append(np.asarray(scores, dtype="float32"))
     maps = _normalize(np.concatenate(maps_all))  # (n, H, W, c)
     return np.transpose(maps, (0, 3, 1, 2)), np.concatenate(scores_all)

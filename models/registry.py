@@ -53,6 +53,7 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
     """Load a ``.keras`` file without its training configuration (inference needs no loss)."""
     import keras
 
+    import models.layers  # noqa: F401 - registers the dense-map layers for files that have them
     import training.dataset  # noqa: F401 - registers the masked loss for files saved with it
 
     return keras.saving.load_model(str(path), compile=False)

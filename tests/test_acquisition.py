@@ -86,7 +86,8 @@ def test_training_transform_turns_adult_normals_into_mass_positives(films):
     eligible = np.ones(16, dtype=bool)
     eligible[4:6] = False  # e.g. paediatric: never gets a nodule
     tf = TrainingTransform(x, eligible, acquisition=None, nodules={"probability": 1.0})
-    xb, yb = tf(x.astype(np.float32), y.copy(), np.arange(16), np.random.default_rng(1))
+    xb, yb, maps = tf(x.astype(np.float32), y.copy(), np.arange(16), np.random.default_rng(1))
+    assert maps is None  # no dense-map findings asked for
     changed = np.abs(xb - x.astype(np.float32)).reshape(16, -1).max(axis=1) > 0
     assert not changed[:6].any()  # positives and ineligible images untouched
     assert (yb[4:6, mass] == 0).all()

@@ -91,6 +91,41 @@ def test_gradcam_shape_finite_and_aligned(tiny_model, real_batch):
     assert one.shape == (2, 1, 224, 224)
 
 
+def test_platt_goes_into_the_calibration_layer_of_a_map_model(tiny_map_model_dir, real_batch):
+    from models.registry import load_keras_model
+
+    model = load_keras_model(tiny_map_model_dir / "model.keras")
+    kernel_before = model.get_layer("logits").get_weights()[0].copy()
+    p0 = predict_array(model, real_batch)
+    params = [(1.3, 0.4), (0.5, -0.2), (2.0, 0.1)]
+    fold_platt(model, params)
+    p1 = predict_array(model, real_batch)
+    z = np.log(p0 / (1 - p0))
+    expect = 1 / (1 + np.exp(-(z * np.array([a for a, _ in params]) + np.array([b for _, b in params]))))
+    np.testing.assert_allclose(p1, expect, atol=1e-4)
+    np.testing.assert_array_equal(model.get_layer("logits").get_weights()[0], kernel_before)
+
+
+def test_map_finding_heatmap_is_its_own_map(tiny_map_model_dir, real_batch):
+    from models.gradcam import _upsample
+    from models.registry import TriageModel
+
+    tm = TriageModel.load(tiny_map_model_dir)
+    maps, scores = tm.heatmaps(real_batch)
+    assert maps.shape == (4, len(FINDING_NAMES), 224, 224)
+    np.testing.assert_allclose(scores, tm.predict_tensors(real_batch), atol=1e-5)
+    km = tm.keras_model
+    logits = keras.Model(km.inputs, km.get_layer("mass_map").output).predict_on_batch(real_batch)
+    scale, offset = km.get_layer("calibration").get_weights()
+    m = FINDING_NAMES.index("mass")
+    prob = 1 / (1 + np.exp(-(scale[m] * np.asarray(logits) + offset[m])))
+    up = _upsample(prob, (224, 224))[..., 0]
+    expect = up / up.max(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(maps[:, m], expect, atol=1e-5)
+    card = json.loads((tiny_map_model_dir / "card.json").read_text())
+    assert card["test_metrics"]["synthetic_nodules"]["n"] >= 1  # the localisation check ran on the map
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="gradient Grad-CAM uses TF gradients")
 def test_closed_form_gradcam_equals_gradient_gradcam(tiny_model, real_batch):
     fast, _ = gradcam(tiny_model.keras_model, real_batch)

@@ -158,28 +158,39 @@ class BalancedBatches(keras.utils.PyDataset):
     def __len__(self) -> int:
         return self.steps
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, Any]:
         idx = np.sort(self._order[i * self.batch_size : (i + 1) * self.batch_size])
         x, y = self.x[idx].astype("float32"), self.y[idx].copy()
-        if self.transform is not None:
-            # (seed, epoch, step): a resumed run redraws exactly the same augmented batch
-            x, y = self.transform(x, y, idx, np.random.default_rng([self.seed, self.epoch, i, 1]))
-        return x, y
+        if self.transform is None:
+            return x, y
+        # (seed, epoch, step): a resumed run redraws exactly the same augmented batch
+        x, y, maps = self.transform(x, y, idx, np.random.default_rng([self.seed, self.epoch, i, 1]))
+        return (x, y) if maps is None else (x, (y, maps))
 
     def on_epoch_end(self) -> None:
         self.set_epoch(self.epoch + 1)
 
 
-BatchTransform = Callable[[np.ndarray, np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+BatchTransform = Callable[
+    [np.ndarray, np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray, np.ndarray | None]
+]
 
 
 class TrainingTransform:
-    """What a training batch goes through on the CPU: synthetic nodules, then acquisition.
+    """What a training batch goes through on the CPU: synthetic nodules, acquisition, geometry.
 
     Synthetic nodules go into adult films labelled mass-negative (the RSNA normals most of all)
     and turn that draw into a mass positive; they exist only inside training batches, so no
     synthetic image can reach a validation or test figure.  Lung masks are computed once per
     image, on first draw.
+
+    With ``map_findings`` (the model's dense-map findings) it also returns each batch's map
+    targets, (n, cells, cells, 2k): per finding a 0/1 target (the cells a synthetic lesion
+    touches, after the geometric jitter) and a weight (1 where the film's label for that
+    finding is known *and* so is where the lesion is: synthetic positives, and negatives, whose
+    every cell is negative; 0 for real positives, which have no position, and unlabelled films).
+    Geometry (``geometry``, an ``AugmentConfig`` with ``geometry: cpu``) runs here then, so
+    image and target move together.
     """
 
     def __init__(
@@ -188,12 +199,20 @@ class TrainingTransform:
         nodule_eligible: np.ndarray,
         acquisition: Any = None,
         nodules: dict[str, Any] | None = None,
+        geometry: Any = None,
+        map_findings: Sequence[str] = (),
+        map_cells: int | None = None,
     ) -> None:
         self.x = x
         self.eligible = np.asarray(nodule_eligible, dtype=bool)
         self.acquisition = acquisition
+        self.geometry = geometry
         self.nodules = dict(nodules or {})
         self.p_nodule = float(self.nodules.pop("probability", 0.0))
+        self.map_columns = [FINDING_NAMES.index(f) for f in map_findings]
+        if self.map_columns and not map_cells:
+            raise ValueError("map_cells is needed with map_findings")
+        self.map_cells = int(map_cells or 0)
         self._masks: dict[int, np.ndarray] = {}
 
     def _mask(self, i: int) -> np.ndarray:
@@ -205,10 +224,11 @@ class TrainingTransform:
 
     def __call__(
         self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         mass = FINDING_NAMES.index("mass")
+        lesions: dict[int, np.ndarray] = {}
         if self.p_nodule > 0:
-            from training.synthetic_nodules import add_synthetic_nodule
+            from training.synthetic_nodules import add_synthetic_nodule, nodule_mask
 
             for k, i in enumerate(idx):
                 if self.eligible[i] and y[k, mass] == 0 and rng.random() < self.p_nodule:
@@ -216,11 +236,31 @@ class TrainingTransform:
                     if spec is not None:
                         x[k, ..., 0] = img
                         y[k, mass] = 1.0
+                        lesions[k] = nodule_mask(spec, img.shape)
         if self.acquisition is not None:
             from training.acquisition import augment_batch
 
             x = augment_batch(x, self.acquisition, rng)
-        return x, y
+        if self.geometry is not None:
+            from training.geometry import jitter_batch
+
+            x, lesions = jitter_batch(x, self.geometry, rng, lesions)
+        return x, y, self._map_targets(y, lesions) if self.map_columns else None
+
+    def _map_targets(self, y: np.ndarray, lesions: dict[int, np.ndarray]) -> np.ndarray:
+        from training.geometry import cell_targets
+
+        k = len(self.map_columns)
+        out = np.zeros((len(y), self.map_cells, self.map_cells, 2 * k), dtype=np.float32)
+        mass = FINDING_NAMES.index("mass")
+        for j, col in enumerate(self.map_columns):
+            for n in range(len(y)):
+                if y[n, col] == 0:
+                    out[n, :, :, k + j] = 1.0  # a negative film: every cell is negative
+                elif y[n, col] == 1 and col == mass and n in lesions:
+                    out[n, :, :, j] = cell_targets(lesions[n], self.map_cells)
+                    out[n, :, :, k + j] = 1.0
+        return out
 
 
 def balanced_class_weights(y: np.ndarray, sample_weight: np.ndarray, clip: float = 20.0) -> np.ndarray:
@@ -270,10 +310,37 @@ class MaskedBinaryCrossentropy(keras.losses.Loss):
         return {**super().get_config(), "class_weights": self.class_weights}
 
 
+@keras.saving.register_keras_serializable(package="xray_triage")
+class MaskedMapLoss(keras.losses.Loss):
+    """Cell-wise BCE on dense finding maps, positives and negatives balanced within each film.
+
+    ``y_true`` is (n, h, w, 2k): k 0/1 targets then k weights (``TrainingTransform``);
+    ``y_pred`` is (n, h, w, k) logits.  A nodule covers 1-20 of the 784 cells at stride 8, so
+    an unweighted mean would teach "always no"; here each film's loss is the mean over its
+    positive cells plus the mean over its negative cells.
+    """
+
+    def __init__(self, name: str = "masked_map_bce", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        z = ops.cast(y_pred, "float32")
+        k = ops.shape(z)[-1]
+        y_true = ops.cast(y_true, "float32")
+        t, w = y_true[..., :k], y_true[..., k:]
+        bce = ops.maximum(z, 0.0) - z * t + ops.log1p(ops.exp(-ops.abs(z)))
+        pos, neg = t * w, (1.0 - t) * w
+        axes = (1, 2)
+        pos_mean = ops.sum(bce * pos, axis=axes) / ops.maximum(ops.sum(pos, axis=axes), 1.0)
+        neg_mean = ops.sum(bce * neg, axis=axes) / ops.maximum(ops.sum(neg, axis=axes), 1.0)
+        return ops.sum(pos_mean + neg_mean, axis=-1)
+
+
 __all__ = [
     "FINDING_NAMES",
     "BalancedBatches",
     "MaskedBinaryCrossentropy",
+    "MaskedMapLoss",
     "TrainingTransform",
     "balanced_class_weights",
     "load_tensors",

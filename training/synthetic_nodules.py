@@ -35,12 +35,15 @@ DEFAULT_SPACING_MM = 1.9
 DEFAULT_DIAMETER_MM = (5.0, 40.0)
 """Nodules are < 30 mm by definition and masses > 30 mm; 5 mm is about the smallest a film shows."""
 
-DEFAULT_CONTRAST = (0.06, 0.35)
-"""Peak added attenuation.  Over lung (display value about 0.3-0.5) the peak display increase is
-about (1 - v) times this, less for small nodules whose peak is blurred.  Measured on RSNA normals:
-0.02-0.19 (5th-95th percentile), median 0.08; median 0.03 below 10 mm, 0.08 at 10-20 mm and
-0.17 above 30 mm.  That matches what real nodules and masses add at 224 px (checked by eye
-against NIH nodule/mass films in docs/img/synthetic-nodules.png)."""
+DEFAULT_CONTRAST = (0.08, 0.8)
+"""Peak added attenuation, the centre's line integral mu * d.  Soft tissue at chest energies
+attenuates about 0.2 per cm, so a 5-mm nodule adds about 0.1 and a 4-cm mass about 0.8.  Over
+lung (display value about 0.3-0.5) the peak display increase is about (1 - v) times this, less
+for small nodules whose peak is blurred.  Measured on 60 RSNA normals x 5 draws: display peak
++0.02-0.33 (5th-95th percentile), median +0.05 below 10 mm, +0.14 at 10-20 mm, +0.23 at 20-30 mm
+and +0.30 above 30 mm.  The round masses of the real CR in pydicom-data (RG1, through the pixel
+path at 224 px) stand +0.2 to +0.35 above the lung around them.  An earlier range, (0.06, 0.35),
+gave 3-4 cm masses only +0.17: fainter than real ones, and the model did not learn them."""
 
 SIZE_CONTRAST_TILT = 0.75
 """Share of the log-contrast draw set by the size quantile: a lesion twice as thick attenuates twice as
@@ -149,6 +152,26 @@ def inside_nodule(spec: NoduleSpec, rows: np.ndarray | float, cols: np.ndarray |
     """
     inside = _ellipse_q(spec, np.asarray(rows), np.asarray(cols)) <= 1.0
     return bool(inside) if inside.ndim == 0 else inside
+
+
+def nodule_mask(spec: NoduleSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """(H, W) bool: the pixels inside the nodule's ellipse, at least the pixel of its centre.
+
+    The target of a localisation loss: where the lesion is, not its blurred halo; the centre
+    pixel keeps a sub-pixel nodule from vanishing.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    out = np.zeros((h, w), dtype=bool)
+    r0, r1, c0, c1 = nodule_box(spec)
+    r0, c0, r1, c1 = max(r0, 0), max(c0, 0), min(r1, h), min(c1, w)
+    if r1 > r0 and c1 > c0:
+        rows = np.arange(r0, r1, dtype=np.float64)[:, None]
+        cols = np.arange(c0, c1, dtype=np.float64)[None, :]
+        out[r0:r1, c0:c1] = _ellipse_q(spec, rows, cols) <= 1.0
+    r, c = round(spec.row), round(spec.col)
+    if 0 <= r < h and 0 <= c < w:
+        out[r, c] = True
+    return out
 
 
 def _as_2d(image: np.ndarray) -> np.ndarray:

@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from models.architectures import LOGITS_LAYER, ArchConfig, AugmentConfig, build_model
+from models.architectures import (
+    CALIBRATION_LAYER,
+    LOGITS_LAYER,
+    ArchConfig,
+    AugmentConfig,
+    build_model,
+    inference_model,
+)
 from models.card import DEFAULT_LIMITATIONS, ModelCard
 from models.findings import DEFAULT_TARGET_SENSITIVITY, FINDING_NAMES
 from training import metrics as M
@@ -302,10 +309,10 @@ def _append_history(path: Path, row: dict[str, Any]) -> None:
 
 
 def predict_array(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    out = [
-        np.asarray(model.predict_on_batch(x[s : s + batch_size].astype("float32")))
-        for s in range(0, len(x), batch_size)
-    ]
+    out = []
+    for s in range(0, len(x), batch_size):
+        pred = model.predict_on_batch(x[s : s + batch_size].astype("float32"))
+        out.append(np.asarray(pred[0] if isinstance(pred, (list, tuple)) else pred))  # scores come first
     return np.concatenate(out).astype("float32") if out else np.zeros((0, len(FINDING_NAMES)), "float32")
 
 
@@ -356,11 +363,21 @@ def steering_limitations(card: ModelCard) -> list[str]:
 
 
 def fold_platt(model: Any, params: list[tuple[float, float]]) -> None:
-    """Fold per-finding Platt scaling into the logits layer: sigmoid(a*(Wx+b)+c) = sigmoid((aW)x + (ab+c))."""
+    """Put per-finding Platt scaling into the model: into its calibration layer where it has one
+    (models with dense finding maps), else folded into the logits layer:
+    sigmoid(a*(Wx+b)+c) = sigmoid((aW)x + (ab+c))."""
+    a = np.array([p[0] for p in params], dtype="float32")
+    c = np.array([p[1] for p in params], dtype="float32")
+    try:
+        calib = model.get_layer(CALIBRATION_LAYER)
+    except ValueError:
+        calib = None
+    if calib is not None:
+        scale, offset = calib.get_weights()
+        calib.set_weights([scale * a, offset * a + c])
+        return
     dense = model.get_layer(LOGITS_LAYER)
     kernel, bias = dense.get_weights()
-    a = np.array([p[0] for p in params], dtype=kernel.dtype)
-    c = np.array([p[1] for p in params], dtype=bias.dtype)
     dense.set_weights([kernel * a[None, :], bias * a + c])
 
 
@@ -397,6 +414,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     from training.dataset import (
         BalancedBatches,
         MaskedBinaryCrossentropy,
+        MaskedMapLoss,
         TrainingTransform,
         balanced_class_weights,
         load_tensors,
@@ -431,11 +449,17 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     steps = int(cfg.hp("steps_per_epoch", max(1, len(tr) // bs)))
     epochs = int(cfg.hp("epochs", 20))
     groups, fractions = batch_groups([recs[i] for i in tr], cfg)
+    augment = AugmentConfig.from_dict(cfg.augment)
+    if arch.map_findings and (augment is None or augment.geometry != "cpu"):
+        raise ValueError("model.map_findings needs augment.geometry: cpu (in-graph jitter would misplace map targets)")
     transform = TrainingTransform(
         x_all[tr],
         nodule_eligible=np.array([pops[i] == "adult" for i in tr]),
         acquisition=AcquisitionConfig.from_dict(cfg.acquisition),
         nodules=cfg.synthetic_nodules,
+        geometry=augment if augment is not None and augment.geometry == "cpu" else None,
+        map_findings=arch.map_findings,
+        map_cells=arch.map_size,
     )
     seq = BalancedBatches(x_all[tr], y_all[tr], groups, bs, steps, fractions, seed=cfg.seed, transform=transform)
     weighting = cfg.hp("class_weighting", "balanced")
@@ -450,7 +474,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     else:
         start_epoch, state = 0, {}
         (run / "history.csv").unlink(missing_ok=True)
-        model = build_model(arch, AugmentConfig.from_dict(cfg.augment), seed=cfg.seed, name=cfg.name)
+        model = build_model(arch, augment, seed=cfg.seed, name=cfg.name)
         lr = float(cfg.hp("learning_rate", 1e-3))
         total = epochs * steps
         warm = min(steps, total // 10)
@@ -464,7 +488,12 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
         opt = keras.optimizers.AdamW(
             learning_rate=schedule, weight_decay=float(cfg.hp("weight_decay", 1e-4)), clipnorm=1.0
         )
-        model.compile(optimizer=opt, loss=MaskedBinaryCrossentropy(None if cw is None else cw.tolist()))
+        loss = MaskedBinaryCrossentropy(None if cw is None else cw.tolist())
+        if arch.map_findings:
+            weight = float(cfg.hp("map_loss_weight", 1.0))
+            model.compile(optimizer=opt, loss=[loss, MaskedMapLoss()], loss_weights=[1.0, weight])
+        else:
+            model.compile(optimizer=opt, loss=loss)
     seq.set_epoch(start_epoch)
 
     sel_va = va
@@ -478,7 +507,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     state_file.write_text(json.dumps(state, indent=2))
 
     # --- calibrate, threshold, export ------------------------------------------------------
-    best = keras.saving.load_model(run / "best.keras", compile=False)
+    best = inference_model(keras.saving.load_model(run / "best.keras", compile=False))
     # Calibration and thresholds are fitted on all of validation, a held-out collection's
     # validation films included: they are the only real positives some findings have (mass, when
     # NIH is held out), and a threshold must be set on the kind of film it will judge.  The

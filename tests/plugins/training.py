@@ -56,6 +56,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_map_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose mass score comes from a dense map, trained with synthetic nodules."""
+    from training.train import train
+
+    tmp = tmp_path_factory.mktemp("tiny-map-train")
+    cfg = tiny_config(tmp, name="tinymap", localisation_images=8)
+    cfg.model = {**cfg.model, "internal_size": 128, "map_findings": ["mass"]}
+    cfg.augment = {"geometry": "cpu"}
+    cfg.synthetic_nodules = {"probability": 0.5}
+    model_file = train(cfg, resume=False, progress=False)
+    return Path(model_file).parent
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> object:
     from models.registry import TriageModel
 
