@@ -1,0 +1,1 @@
+"""One router per area of the web app: auth, worklist, study, analyse, admin, health."""
