@@ -30,14 +30,16 @@ system-deps:
 services: system-deps
 	bash scripts/ensure_services.sh
 
-## test: install whatever is missing, start what is needed, run every test
-test: system-deps $(STAMP) services
-	$(VENV)/bin/ruff check .
+## test: install whatever is missing, start what is needed, run every check and every test
+test: system-deps $(STAMP) services lint
 	$(PY) -m pytest
 
+## lint: style, formatting, the layers (docs/architecture.md) and the types of the production packages
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 ## bench: speed and memory figures against baselines measured in the same run (not run by CI)
 bench: system-deps $(STAMP) services
