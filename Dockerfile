@@ -3,12 +3,17 @@ FROM python:3.11-slim-bookworm
 RUN apt-get update && apt-get install -y --no-install-recommends dcmtk && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY setup.cfg pyproject.toml README.md ./
-COPY dicom_io dicom_io
+# The rooms, bottom to top (docs/architecture.md).
+COPY settings settings
 COPY db db
-COPY worker worker
+COPY broker broker
+COPY dicom_io dicom_io
 COPY models models
-COPY training training
+COPY triage triage
+COPY worker worker
 COPY worklist worklist
+COPY xray_triage xray_triage
+COPY training training
 RUN pip install --no-cache-dir '.[ml]'
 ENV XRAY_TRIAGE_VAR=/var/lib/xray-triage
 VOLUME /var/lib/xray-triage

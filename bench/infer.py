@@ -2,8 +2,9 @@
 
 Measured in the same run, at batch 1 and batch 16:
 
-* ``end_to_end``: ``TriageModel.score_files`` on real files (eligibility, pixel path from
-  DICOM/PNG/JPEG, model, thresholds): what the worker pays per image;
+* ``end_to_end``: the scoring service (``triage.service.Scorer.judge``) on real files
+  (eligibility, pixel path from DICOM/PNG/JPEG, model, thresholds, flags): what ``predict``
+  pays per image (the worker also computes heatmaps);
 * ``score_tensors``: ``TriageModel.score_tensors`` on ready pixel-path tensors (our wrapper);
 * ``bare_keras``: ``model.predict_on_batch`` on random input of the same shape (the baseline;
   random input is fine here, it is a speed measurement of the graph only).
@@ -52,8 +53,11 @@ def _rate(fn, n_images: int, repeats: int) -> dict[str, float]:
 def main() -> dict:
     from dicom_io.pixels import to_model_tensor
     from models.registry import TriageModel
+    from settings import Settings
+    from triage.service import ImageInput, Scorer
 
     model = TriageModel.load()
+    scorer = Scorer(model, Settings())
     km = model.keras_model
     size = model.input_size
     files = _files(16)
@@ -75,7 +79,9 @@ def main() -> dict:
             "bare_keras": _rate(lambda rand=rand: km.predict_on_batch(rand), bs, repeats),
             "score_tensors": _rate(lambda t=batch_tensors, bs=bs: model.score_tensors(t, batch_size=bs), bs, repeats),
             "end_to_end": _rate(
-                lambda f=batch_files, bs=bs: model.score_files(f, batch_size=bs), bs, max(3, repeats // 2)
+                lambda f=batch_files, bs=bs: scorer.judge([ImageInput(str(p), p) for p in f], batch_size=bs),
+                bs,
+                max(3, repeats // 2),
             ),
         }
         bare = r["bare_keras"]["ms_per_batch"]

@@ -166,7 +166,7 @@ def run_listener(work: Path, files: list[Path], pdu: int) -> float:
     config_path.write_text(yaml.safe_dump(config))
     upgrade(db_url)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "--config", str(config_path), "listen"],
+        [sys.executable, "-m", "xray_triage.cli", "--config", str(config_path), "listen"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -4,7 +4,7 @@ Files: a 2500x2048 16-bit uncompressed DX For Presentation (built from the real 
 resampled and inverted to MONOCHROME2, no window: the percentile window runs), the RG1
 JPEG 2000 lossless CR, and the SIIM JPEG baseline CR.  Baselines, same run, interleaved:
 ``dcmread(path).pixel_array`` (what a naive loader does) and ``pixel_array`` alone on an
-already-parsed dataset.  Goal (issue 3): full path <= 1.3x bare decode, < 150 ms for the DX.
+already-parsed dataset.  Goal: full path <= 1.3x bare decode, < 150 ms for the DX.
 """
 
 from __future__ import annotations

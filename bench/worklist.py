@@ -1,4 +1,4 @@
-"""bench/worklist: server time of the worklist's first and filtered pages over 10,000 studies (issue 6).
+"""bench/worklist: server time of the worklist's first and filtered pages over 10,000 studies.
 
 A fresh PostgreSQL database (``xt_bench_<random>``, dropped at the end, even on error) is
 migrated to head and filled with BENCH_WORKLIST_N (10,000) seeded, realistic studies: received
@@ -148,7 +148,7 @@ def _read_state(rng: random.Random, age_h: float, level: int) -> str:
 
 def make_studies(n: int, now: datetime, seed: int = SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows for the study and series tables, ids 1..n in arrival order."""
-    from worker.triage import AI_UNAVAILABLE
+    from triage.policy import AI_UNAVAILABLE
 
     rng = random.Random(seed)
     ages = sorted((rng.uniform(0, DAYS * 86400) for _ in range(n)), reverse=True)  # oldest first -> id order
@@ -269,8 +269,8 @@ def populate(engine: Engine, n: int, now: datetime) -> dict[str, Any]:
 
 def describe(factory: sessionmaker[Session], now: datetime) -> dict[str, Any]:
     from db.models import Study
-    from worker.config import TriageConfig
-    from worker.triage import effective_priority_sql
+    from settings import TriageConfig
+    from triage.policy import effective_priority_sql
 
     cfg = TriageConfig()
     with factory() as s:
@@ -316,7 +316,7 @@ def _query(params: dict[str, Any]) -> Any:
 def baseline_statement(q: Any, cfg: Any, now: datetime, page_size: int) -> Select[Any]:
     """The naive worklist query: one SELECT ordered by the CASE expression of effective priority."""
     from db.models import Study
-    from worker.triage import effective_priority_sql, worklist_order
+    from triage.policy import effective_priority_sql, worklist_order
     from worklist.queries import _filters  # the same filters the app applies
 
     where = _filters(q)
@@ -664,7 +664,7 @@ def show_plans(engine: Engine, settings: Any) -> dict[str, Any]:
                 generic = explain_generic(engine, stmt)
                 out[cname]["page_statement_generic"] = {"plan": generic, **plan_facts(generic)}
                 print(_verdict(f"{cname} / {sname} (generic plan, if prepared)", out[cname]["page_statement_generic"]))
-    # The HTML page also lists the calling AE titles (worklist/app.py `_ae_titles`, the same statement).
+    # The HTML page also lists the calling AE titles (worklist/routers/worklist.py `AeTitles`, the same statement).
     from sqlalchemy import distinct
 
     from db.models import Study
@@ -672,7 +672,7 @@ def show_plans(engine: Engine, settings: Any) -> dict[str, Any]:
     ae_titles = select(distinct(Study.calling_ae)).order_by(Study.calling_ae).limit(200)
     plan = explain(engine, ae_titles)
     out["html_ae_titles"] = {"plan": plan, **plan_facts(plan)}
-    print(f"\n--- /worklist HTML only: calling AE titles (app.py _ae_titles): EXPLAIN (ANALYZE, BUFFERS)\n{plan}")
+    print(f"\n--- /worklist HTML only: calling AE titles (AeTitles): EXPLAIN (ANALYZE, BUFFERS)\n{plan}")
     return out
 
 
@@ -699,7 +699,7 @@ def plans_after_vacuum(engine: Engine, settings: Any) -> dict[str, Any]:
 
 
 def _settings(url: str, var: Path) -> Any:
-    from worker.config import Settings
+    from settings import Settings
 
     return Settings.model_validate(
         {
@@ -720,7 +720,7 @@ def main() -> dict[str, Any]:
     name = f"xt_bench_{secrets.token_hex(4)}"
     result: dict[str, Any] = {
         "goal": f"p95 <= {GOAL_P95_MS:.0f} ms",
-        "baseline": "select(Study).where(filters).order_by(*worker.triage.worklist_order(cfg, now)).limit(50)",
+        "baseline": "select(Study).where(filters).order_by(*triage.policy.worklist_order(cfg, now)).limit(50)",
         "repeats": REPEATS,
         "warmup": WARMUP,
         "page_size": PAGE_SIZE,

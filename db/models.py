@@ -60,6 +60,22 @@ class StudyState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({StudyState.SCORED, StudyState.INELIGIBLE, StudyState.FAILED})
+PENDING_STATES = (StudyState.RECEIVING, StudyState.QUEUED, StudyState.PROCESSING)
+
+
+class AiState(enum.StrEnum):
+    """What a radiologist needs of the pipeline's state: the AI's answer, or that it is pending."""
+
+    SCORED = "scored"
+    INELIGIBLE = "ineligible"
+    FAILED = "failed"
+    PENDING = "pending"
+
+
+def ai_state_of(state: str | StudyState) -> AiState:
+    """The one mapping from a study's pipeline state to what the worklist shows."""
+    study_state = StudyState(state)
+    return AiState(study_state.value) if study_state in TERMINAL_STATES else AiState.PENDING
 
 
 class ReadState(enum.StrEnum):

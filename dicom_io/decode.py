@@ -36,7 +36,7 @@ from dicom_io.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
-from worker.config import PixelsConfig
+from settings import PixelsConfig
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Dataset
 
@@ -68,11 +68,11 @@ def _as_bytes(source: Source) -> bytes:
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
     if hasattr(source, "read"):
-        data = source.read()  # type: ignore[union-attr]
+        data = source.read()
         if not isinstance(data, bytes):
             raise NotAnImage("file object must be opened in binary mode")
         return data
-    path = Path(os.fspath(source))  # type: ignore[arg-type]
+    path = Path(os.fspath(source))
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -224,7 +224,8 @@ def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None) -> Decoded:
         )
     try:
         # view_only: native data is not copied; the transform never writes in place.
-        arr, meta = decoder.as_array(ds, index=0, as_rgb=True, correct_unused_bits=False, view_only=True)
+        options: dict[str, Any] = {"as_rgb": True, "correct_unused_bits": False, "view_only": True}
+        arr, meta = decoder.as_array(ds, index=0, **options)
     except PixelError:
         raise
     except Exception as exc:  # every decoder plugin has its own error types
@@ -265,7 +266,7 @@ def _check_codestream(pixel_data: bytes, rows: int, cols: int, limits: PixelsCon
 def _decode_pillow(data: bytes, kind: str, limits: PixelsConfig) -> Decoded:
     """PNG/JPEG: 8 or 16 bit grey, grey stored as RGB, or colour (made luminance later)."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
         width, height = im.size
         bands = len(im.getbands())
         depth = 2 if im.mode.startswith("I") else 1

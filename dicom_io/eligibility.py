@@ -1,7 +1,7 @@
 """Which instances are frontal chest radiographs the models may score at all.
 
 Like a hanging protocol's series selector, the rules live in configuration
-(``eligibility`` section of worker/config.py) so a site can accept THORAX or refuse AP
+(``eligibility`` section of settings/config.py) so a site can accept THORAX or refuse AP
 without a release.  An ineligible instance is never dropped silently: the reason is
 returned ("ineligible: view position LL") for the worker to store and the worklist to show.
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from worker.config import EligibilityConfig
+from settings import EligibilityConfig
 
 NO_HEADER = "no DICOM header"
 # Photometric interpretations the pixel path renders (dicom_io.decode).

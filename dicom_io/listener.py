@@ -13,18 +13,17 @@ behind our own deterministic file meta header, byte for byte as the sender encod
 from __future__ import annotations
 
 import logging
-import signal
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -49,7 +48,7 @@ from dicom_io.staging import (
     tune_socket,
 )
 from dicom_io.uids import InvalidUIDError, require_uid
-from worker.config import Settings
+from settings import Settings
 
 log = logging.getLogger("xray_triage.listener")
 
@@ -190,7 +189,7 @@ class StorageSCP:
         """EVT_C_STORE: validate, spool durably, record, and only then answer success."""
         started = time.perf_counter()
         caller = self._caller(event)
-        request = event.request
+        request = cast(C_STORE, event.request)  # EVT_C_STORE carries a C-STORE request
         try:
             sop_instance = require_uid(str(request.AffectedSOPInstanceUID or ""), "Affected SOP Instance UID")
             sop_class = require_uid(str(request.AffectedSOPClassUID or ""), "Affected SOP Class UID")
@@ -313,7 +312,6 @@ class ListenerHandle:
     ae: AE
     server: ThreadedAssociationServer
     engine: Engine
-    handoff: Any | None
     host: str
     port: int
     scp: StorageSCP
@@ -323,8 +321,6 @@ class ListenerHandle:
         if self._stopped:
             return
         self._stopped = True
-        if self.handoff is not None:
-            self.handoff.stop()
         self.server.shutdown()
         self.ae.shutdown()
         self.engine.dispose()
@@ -338,11 +334,12 @@ def _quiet_pynetdicom(settings: Settings) -> None:
         logger.setLevel(logging.INFO)
 
 
-def start(settings: Settings, *, with_handoff: bool = True) -> ListenerHandle:
-    """Start the listener (and the hand-off thread) in background threads; returns at once."""
-    from worker.celery_app import make_celery
-    from worker.handoff import HandoffThread, celery_publisher
+def start(settings: Settings) -> ListenerHandle:
+    """Start the listener in background threads; returns at once.
 
+    It only receives and records: queueing what it received is the hand-off's job, which the
+    application shell (``xray_triage.services``) starts beside it.
+    """
     _quiet_pynetdicom(settings)
     spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
     swept = spool.sweep_staging()
@@ -355,7 +352,7 @@ def start(settings: Settings, *, with_handoff: bool = True) -> ListenerHandle:
     scp = StorageSCP(settings, spool, factory)
     ae = build_ae(settings)
     install(ae, spool.staging)
-    handlers = [
+    handlers: list[evt.EventHandlerType] = [
         (evt.EVT_REQUESTED, scp.handle_requested),
         (evt.EVT_ACCEPTED, scp.handle_accepted),
         (evt.EVT_C_ECHO, scp.handle_echo),
@@ -363,30 +360,10 @@ def start(settings: Settings, *, with_handoff: bool = True) -> ListenerHandle:
     ]
     cfg = settings.listener
     server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+    if server is None:  # only a blocking server returns None
+        raise RuntimeError("the DICOM listener did not start")
     host, port = server.server_address[:2]
-    handoff = None
-    if with_handoff:
-        handoff = HandoffThread(settings, factory, celery_publisher(make_celery(settings)))
-        handoff.start()
     if cfg.allowed_callers is None:
         log.warning("listener.allowed_callers is not set: any calling AE title is accepted")
     log.info("listening as AE %s on %s:%d", cfg.ae_title, host, port)
-    return ListenerHandle(ae, server, engine, handoff, str(host), int(port), scp)
-
-
-def serve(settings: Settings) -> None:
-    """Run the listener until SIGINT or SIGTERM (what `xray-triage listen` does)."""
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    handle = start(settings)
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        handle.stop()
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    return ListenerHandle(ae, server, engine, str(host), int(port), scp)

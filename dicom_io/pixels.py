@@ -45,7 +45,7 @@ from dicom_io.voi import (
     subsample,
     window_affine,
 )
-from worker.config import PixelsConfig
+from settings import PixelsConfig
 
 PIPELINE_VERSION = "xtpx-2"
 DEFAULT_INPUT_SIZE = 224

@@ -35,6 +35,7 @@ from typing import Any
 
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta as _pynetdicom_create_file_meta
 
@@ -54,7 +55,7 @@ OWNER_CHECK_S = 2.0
 
 _create_file_meta = partial(
     _pynetdicom_create_file_meta,
-    implementation_uid=IMPLEMENTATION_CLASS_UID,
+    implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
     implementation_version=IMPLEMENTATION_VERSION_NAME,
 )
 _original_named_temporary_file = dimse_messages.NamedTemporaryFile
@@ -73,7 +74,9 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
     write_file_meta_info(
         DicomFileLike(buf),
         _create_file_meta(
-            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax_uid
+            sop_class_uid=UID(sop_class_uid),
+            sop_instance_uid=UID(sop_instance_uid),
+            transfer_syntax=UID(transfer_syntax_uid),
         ),
     )
     return buf.getvalue()
@@ -216,8 +219,8 @@ def _named_temporary_file(*args: Any, **kwargs: Any) -> Any:
 def install(ae: Any, staging_dir: Path) -> None:
     """Make datasets received by `ae` stream into `staging_dir` (idempotent)."""
     with _install_lock:
-        dimse_messages.NamedTemporaryFile = _named_temporary_file  # type: ignore[assignment]
-        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[assignment]
+        dimse_messages.NamedTemporaryFile = _named_temporary_file
+        dimse_messages.create_file_meta = _create_file_meta
         _staging_dirs[ae] = Path(staging_dir)
 
 

@@ -57,7 +57,7 @@ class ModelCard:
     # `thresholds`; cards written before this field load with it empty.
     thresholds_by_population: dict[str, dict[str, float]] = field(default_factory=dict)
     # Per population and finding, the within-collection AUC (test split) whether it may steer a
-    # worklist is decided on (worker.triage.steering_findings): {"adult": {"pneumonia": {...}}};
+    # worklist is decided on (triage.policy.steering_findings): {"adult": {"pneumonia": {...}}};
     # empty on cards made before it existed.
     steering_evidence: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     target_sensitivity: float = 0.95

@@ -86,7 +86,10 @@ class PlattCalibration(layers.Layer):
         self.trainable = False
 
     def build(self, input_shape: Sequence[int | None]) -> None:
-        n = int(input_shape[-1])
+        last = input_shape[-1]
+        if last is None:
+            raise ValueError("PlattCalibration needs a known number of findings (last axis)")
+        n = int(last)
         self.scale = self.add_weight(shape=(n,), initializer="ones", trainable=False, name="scale")
         self.offset = self.add_weight(shape=(n,), initializer="zeros", trainable=False, name="offset")
 

@@ -6,9 +6,10 @@ another is chosen with the ``XRAY_TRIAGE_MODEL`` environment variable (a folder 
 
     model = TriageModel.load()                    # once per process
     scores = model.score_tensors(batch)           # (n, 224, 224, 1) -> list of {finding: p}
-    result = model.score_files(["a.dcm", "b.png"])  # eligibility + pixels + scores + flags
     model.thresholds("paediatric")                # the card's operating point for a population
     maps, _ = model.heatmaps(batch, "pneumonia")  # (n, 1, 224, 224) in [0, 1]
+
+Files, eligibility, site thresholds and flags are the scoring service's (``triage.service``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from models.card import ModelCard
-from models.findings import DISCLAIMER, FINDING_NAMES, get_finding
-from models.operating_points import ADULT, decide_population
+from models.findings import FINDING_NAMES, get_finding
+from models.operating_points import ADULT
+from settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MODEL_ENV = "XRAY_TRIAGE_MODEL"
 MODEL_FILE = "model.keras"
 
 
-def resolve_model_path(path: str | os.PathLike[str] | None = None, settings: Any = None) -> Path:
+def resolve_model_path(path: str | os.PathLike[str] | None = None, settings: Settings | None = None) -> Path:
     """Explicit path, else configuration ``model.path``, else $XRAY_TRIAGE_MODEL, else models/default."""
     if path is None and settings is not None:
         section = getattr(settings, "model", None)
@@ -53,37 +54,10 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
     """Load a ``.keras`` file without its training configuration (inference needs no loss)."""
     import keras
 
-    import models.layers  # noqa: F401 - registers the dense-map layers for files that have them
-    import training.dataset  # noqa: F401 - registers the masked loss for files saved with it
+    # Importing them registers our layers and losses, which a saved file names.
+    from models import layers, losses  # noqa: F401
 
     return keras.saving.load_model(str(path), compile=False)
-
-
-@dataclass
-class ImageResult:
-    """One scored file, in the shape `predict --json` prints.
-
-    ``population`` is the operating point the flags were decided at; it is not a key of the
-    JSON (whose shape is a stable interface): the JSON names it in ``flags["notes"]``.
-    """
-
-    path: str
-    eligible: bool
-    reason: str | None
-    scores: dict[str, float] | None
-    flags: dict[str, Any] = field(default_factory=dict)
-    model: str = ""
-    population: str = ADULT
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "eligible": self.eligible,
-            "reason": self.reason,
-            "scores": self.scores,
-            "flags": self.flags,
-            "model": self.model,
-        }
 
 
 class TriageModel:
@@ -98,7 +72,7 @@ class TriageModel:
             log.warning("model %s does not score %s", card.ref, ", ".join(missing))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, settings: Any = None) -> TriageModel:
+    def load(cls, path: str | os.PathLike[str] | None = None, settings: Settings | None = None) -> TriageModel:
         p = resolve_model_path(path, settings)
         card_path = p.parent / "card.json"
         model = load_keras_model(p)
@@ -148,83 +122,10 @@ class TriageModel:
         probs = self.predict_tensors(batch, batch_size)
         return [{f: float(p[i]) for i, f in enumerate(self.card.findings)} for p in probs]
 
-    def flags(self, scores: dict[str, float], population: str = ADULT) -> dict[str, bool]:
-        """Score >= the card's operating threshold for the population (chosen for the target sensitivity)."""
-        return {f: bool(s >= self.threshold(f, population)) for f, s in scores.items()}
-
     def heatmaps(self, batch: np.ndarray, findings: str | Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         from models.gradcam import gradcam
 
         return gradcam(self.keras_model, batch, findings)
-
-    def score_files(self, paths: Sequence[str | os.PathLike[str]], batch_size: int = 16) -> list[ImageResult]:
-        """Eligibility, pixel path and scores for files (DICOM, PNG, JPEG), one result per file.
-
-        Each DICOM file is flagged at the operating point of its patient's population, decided
-        from its header by ``models.operating_points.decide_population`` (the rule the worker
-        uses too); PNG and JPEG files have no header and get the adult point.  The choice and
-        its reason are the last line of ``flags["notes"]``.
-        """
-        from dicom_io.pixels import to_model_tensor
-
-        results: list[ImageResult] = []
-        tensors: list[np.ndarray] = []
-        slots: list[int] = []
-        rules = _eligibility_rules()  # once per batch, not once per file
-        for p in paths:
-            res = ImageResult(path=str(p), eligible=False, reason=None, scores=None, model=self.ref)
-            try:
-                header, pixel_source = _read_header(Path(p))
-                elig = _eligibility(header, rules)
-                res.eligible = bool(elig.eligible)
-                res.reason = elig.reason
-                point = decide_population(header)
-                res.population = point.population
-                res.flags = {"notes": [*getattr(elig, "flags", ()), point.note]}
-                tensors.append(to_model_tensor(pixel_source, size=self.input_size))
-                slots.append(len(results))
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-                res.eligible = False
-                res.reason = f"{type(exc).__name__}: {exc}"
-            results.append(res)
-        if tensors:
-            scored = self.score_tensors(np.stack(tensors), batch_size)
-            for slot, s in zip(slots, scored, strict=True):
-                r = results[slot]
-                r.scores = s
-                flags = self.flags(s, r.population) if r.eligible else {f: False for f in s}
-                r.flags = {**flags, **r.flags, "disclaimer": DISCLAIMER}
-        return results
-
-
-def _read_header(path: Path) -> tuple[Any, Any]:
-    """(pydicom Dataset or None, what to hand the pixel path).  Non-DICOM files have no header."""
-    with path.open("rb") as fh:
-        head = fh.read(132)
-    is_png = head.startswith(b"\x89PNG")
-    is_jpeg = head.startswith(b"\xff\xd8")
-    if is_png or is_jpeg:
-        return None, path
-    import pydicom
-
-    ds = pydicom.dcmread(str(path), force=True)
-    return ds, ds
-
-
-def _eligibility_rules() -> Any:
-    """The site's eligibility rules; a bad configuration must not stop scoring: defaults apply."""
-    from worker.config import load_settings
-
-    try:
-        return load_settings().eligibility
-    except Exception:  # noqa: BLE001 - ConfigError or a settings object without the section
-        return None
-
-
-def _eligibility(header: Any, rules: Any) -> Any:
-    from dicom_io.eligibility import check_eligibility
-
-    return check_eligibility(header, rules)
 
 
 def _check_pipeline(card: ModelCard) -> None:
@@ -244,7 +145,7 @@ def _check_pipeline(card: ModelCard) -> None:
 _LOADED: dict[str, TriageModel] = {}
 
 
-def get_model(path: str | os.PathLike[str] | None = None, settings: Any = None) -> TriageModel:
+def get_model(path: str | os.PathLike[str] | None = None, settings: Settings | None = None) -> TriageModel:
     """Process-wide cache: the worker loads a model once, not once per study."""
     key = str(resolve_model_path(path, settings))
     if key not in _LOADED:

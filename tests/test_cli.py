@@ -14,9 +14,9 @@ import yaml
 
 from tests.conftest import REPO
 from tests.plugins.ingest import echoscu, shared_file, storescu, wait_for
-from worker.cli import EXIT_CONFIG, build_parser, main
+from xray_triage.cli import EXIT_CONFIG, build_parser, main
 
-CLI = [sys.executable, "-m", "worker.cli"]
+CLI = [sys.executable, "-m", "xray_triage.cli"]
 
 
 def _commands() -> list[list[str]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError, effective_config, load_settings, mask_secrets
+from settings import ConfigError, effective_config, load_settings, mask_secrets
 
 
 def test_environment_overrides_the_file_with_typed_values(tmp_path: Path):

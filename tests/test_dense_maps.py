@@ -10,8 +10,9 @@ from dicom_io.pixels import to_model_tensor
 from models.architectures import ArchConfig, AugmentConfig, build_model, inference_model, map_layer_name
 from models.findings import FINDING_NAMES, UNLABELLED
 from models.layers import FindingLogits, LogMeanExpPool, PlattCalibration
+from models.losses import MaskedMapLoss
 from tests.conftest import shared_file
-from training.dataset import MaskedMapLoss, TrainingTransform
+from training.dataset import TrainingTransform
 from training.geometry import cell_targets, jitter_batch, random_matrix, warp
 from training.synthetic_nodules import NoduleSpec, inside_nodule, lung_mask, nodule_mask
 

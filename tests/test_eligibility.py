@@ -7,7 +7,7 @@ import pydicom
 import pytest
 
 from dicom_io.eligibility import NO_HEADER, check_eligibility
-from worker.config import EligibilityConfig, load_settings
+from settings import EligibilityConfig, load_settings
 
 CHEST_PA = {"Modality": "CR", "BodyPartExamined": "CHEST", "ViewPosition": "PA", "Rows": 2000, "Columns": 2000}
 

@@ -187,7 +187,7 @@ def test_real_worker_carries_a_pushed_study_to_its_final_state(backend, tmp_path
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "--config", str(config), "worker", "--concurrency", "1"],
+        [sys.executable, "-m", "xray_triage.cli", "--config", str(config), "worker", "--concurrency", "1"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -15,10 +15,11 @@ import pytest
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.heartbeats import beat, read_heartbeats
 from db.models import WorkerHeartbeat, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
 from tests.plugins.ingest import Backend, wait_for
-from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity, beat, read_heartbeats
+from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
 
 PREFIX = "hb-test-"
 INTERVAL_S = 0.05

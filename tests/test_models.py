@@ -13,8 +13,8 @@ from models.architectures import ArchConfig, AugmentConfig, build_model
 from models.card import ModelCard, render_markdown
 from models.findings import DISCLAIMER, FINDING_NAMES, FINDINGS, UNLABELLED
 from models.gradcam import gradcam, gradcam_gradient
+from models.losses import MaskedBinaryCrossentropy
 from tests.conftest import shared_file
-from training.dataset import MaskedBinaryCrossentropy
 from training.train import fold_platt, predict_array
 
 

@@ -28,22 +28,16 @@ from models.operating_points import (
     population_from_header,
 )
 from models.registry import DEFAULT_MODEL_DIR, TriageModel
+from settings import Settings
 from tests.conftest import pydicom_data_file, shared_file
-from worker.cli import main
-from worker.config import Settings
-from worker.scoring import (
-    PendingInstance,
-    StudyWork,
-    _read,
-    decide_study,
-    instance_thresholds,
-    operating_points,
-    run_pipeline,
-    steering_points,
-)
-from worker.triage import Level
+from triage.operating import operating_points
+from triage.policy import Level, flags_for
+from triage.service import ImageInput, Scorer
+from worker.scoring import PendingInstance, StudyWork, decide_study, run_pipeline
+from xray_triage.cli import main
+from xray_triage.predict import judge_files, predict_record
 
-KEYS = {"path", "eligible", "reason", "scores", "flags", "model"}
+KEYS = {"path", "eligible", "reason", "scores", "flags", "model", "priority", "priority_reason"}
 SIIM = ("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")
 DATE_KEYWORDS = ("PatientBirthDate", "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
 
@@ -272,8 +266,8 @@ def test_card_population_thresholds_round_trip_and_fall_back_per_finding(tmp_pat
     assert model.thresholds(PAEDIATRIC) == {"pneumonia": 0.7, "mass": 0.2, "covid19": 0.3}
     assert model.thresholds(ADULT) == {"pneumonia": 0.4, "mass": 0.2, "covid19": 0.3}
     assert model.thresholds("unknown") == model.thresholds(ADULT)
-    assert model.flags({"pneumonia": 0.5}, PAEDIATRIC) == {"pneumonia": False}
-    assert model.flags({"pneumonia": 0.5}) == {"pneumonia": True}
+    assert flags_for({"pneumonia": 0.5}, model.thresholds(PAEDIATRIC)) == {"pneumonia": False}
+    assert flags_for({"pneumonia": 0.5}, model.thresholds()) == {"pneumonia": True}
 
 
 # --------------------------------------------------------------------------- predict
@@ -283,7 +277,7 @@ def test_card_population_thresholds_round_trip_and_fall_back_per_finding(tmp_pat
 def siim_scores() -> dict[str, float]:
     """The shipped model's real scores on the SIIM film (its pixels, whatever its header says)."""
     model = TriageModel.load(DEFAULT_MODEL_DIR)
-    [result] = model.score_files([shared_file(*SIIM)])
+    [result] = judge_files(Scorer(model, Settings()), [shared_file(*SIIM)])
     assert result.scores is not None and result.eligible
     return result.scores
 
@@ -339,12 +333,12 @@ def test_predict_flags_children_and_adults_at_their_own_points(siim_scores, tmp_
     assert rows[jpeg.name]["flags"]["notes"][-1] == "operating point: adult (no DICOM header: adult operating point)"
 
 
-def test_score_files_keeps_the_population_beside_the_json(siim_scores, tmp_path) -> None:
+def test_judgement_keeps_the_population_beside_the_json(siim_scores, tmp_path) -> None:
     folder, paediatric, adult = _model_dir(tmp_path, siim_scores)
     model = TriageModel.load(folder)
     child = _saved(_no_dates(_with(_siim(), PatientAge="003W")), tmp_path / "child.dcm")
-    [r] = model.score_files([child])
-    assert r.population == PAEDIATRIC and "population" not in r.to_dict()
+    [r] = judge_files(Scorer(model, Settings()), [child])
+    assert r.population == PAEDIATRIC and "population" not in predict_record(r, model.ref)
     assert model.thresholds(PAEDIATRIC) == pytest.approx(paediatric)
     assert model.thresholds(ADULT) == pytest.approx(adult)
 
@@ -383,21 +377,27 @@ def test_worker_picks_each_instances_thresholds_from_its_header_with_site_overri
         ADULT: {"pneumonia": 0.5, "mass": 0.45, "covid19": 0.3},
         PAEDIATRIC: {"pneumonia": 0.8, "mass": 0.45, "covid19": 0.7},
     }
-    child = _read(_spool(tmp_path, "child.dcm", _with(_siim(), PatientAge="010D")), settings, 224)
-    grown = _read(_spool(tmp_path, "adult.dcm", _with(_siim(), PatientAge="045Y")), settings, 224)
-    unknown = _read(_spool(tmp_path, "siim.dcm", _siim()), settings, 224)  # "62": malformed
-    for read in (child, grown, unknown):
-        assert read.outcome is None and read.tensor is not None and read.tensor.shape == (224, 224, 1)
-    assert child.point == PopulationDecision(PAEDIATRIC, "Patient's Age 010D")
-    assert instance_thresholds(child.point, points) == points[PAEDIATRIC]
-    assert instance_thresholds(grown.point, points) == points[ADULT]
-    assert instance_thresholds(unknown.point, points) == points[ADULT]
-    assert instance_thresholds(None, points) == points[ADULT]
-    # An ineligible instance has an outcome and no population: it is never flagged.
+    scorer = Scorer(model, settings)
+    assert scorer.points == points
+
+    def prepared(name: str, ds: Dataset) -> tuple:
+        _spool(tmp_path, name, ds)
+        return scorer.prepare(ImageInput(name, tmp_path / "spool" / name), score_ineligible=False)
+
+    child = prepared("child.dcm", _with(_siim(), PatientAge="010D"))
+    grown = prepared("adult.dcm", _with(_siim(), PatientAge="045Y"))
+    unknown = prepared("siim.dcm", _siim())  # "62": malformed
+    for judged, tensor in (child, grown, unknown):
+        assert judged.outcome == "scored" and tensor is not None and tensor.shape == (224, 224, 1)
+    assert child[0].population == PAEDIATRIC
+    assert child[0].notes[-1] == "operating point: paediatric (Patient's Age 010D)"
+    assert child[0].thresholds == points[PAEDIATRIC]
+    assert grown[0].thresholds == points[ADULT]
+    assert unknown[0].thresholds == points[ADULT]
+    # An ineligible instance has an outcome and nothing to score: it is never flagged.
     animal = pydicom.dcmread(shared_file("dicom", "dx_for_presentation_animal_lateral.dcm"))
-    ineligible = _read(_spool(tmp_path, "animal.dcm", animal), settings, 224)
-    assert ineligible.outcome is not None and ineligible.outcome.outcome == "ineligible"
-    assert ineligible.point is None and ineligible.tensor is None
+    ineligible, tensor = prepared("animal.dcm", animal)
+    assert ineligible.outcome == "ineligible" and tensor is None and ineligible.flags == {}
 
 
 def test_worker_pipeline_flags_stores_and_decides_each_instance_at_its_own_point(siim_scores, tmp_path) -> None:
@@ -406,8 +406,8 @@ def test_worker_pipeline_flags_stores_and_decides_each_instance_at_its_own_point
     settings = _settings(tmp_path)
     child = _spool(tmp_path, "child.dcm", _with(_siim(), PatientAge="006Y"))
     grown = _spool(tmp_path, "adult.dcm", _with(_siim(), PatientAge="045Y"))
-    points = operating_points(model, settings)
-    rows, _ = run_pipeline(model, StudyWork(1, "1.2.826.0.1.3", None, [child, grown], []), settings, points)
+    scorer = Scorer(model, settings)
+    rows, _ = run_pipeline(scorer, StudyWork(1, "1.2.826.0.1.3", None, [child, grown], []), settings)
     by_uid = {r.instance.sop_instance_uid: r for r in rows}
     c, a = by_uid[child.sop_instance_uid], by_uid[grown.sop_instance_uid]
     assert c.thresholds == pytest.approx(paediatric) and a.thresholds == pytest.approx(adult)
@@ -417,20 +417,14 @@ def test_worker_pipeline_flags_stores_and_decides_each_instance_at_its_own_point
     assert all(Path(p).is_file() for p in (c.heatmaps or {}).values())
 
     assert (c.outcome.population, a.outcome.population) == (PAEDIATRIC, ADULT)  # stored with the result
-    by_pop = steering_points(model, settings)
-    steering = by_pop[ADULT]
-    decision = decide_study(
-        StudyWork(1, "1.2.826.0.1.3", None, [], []), rows, points[ADULT], settings, steering, by_pop
-    )
+    decision = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], []), rows, scorer)
     assert decision.flagged_findings == ",pneumonia,mass,covid19,"  # the child's film, at its point
     assert decision.ai_priority in (Level.URGENT, Level.CRITICAL)
     s, t = siim_scores["pneumonia"], paediatric["pneumonia"]
     assert f"pneumonia {s:.2f} ≥ {t:.2f}" in decision.priority_reason
     # The adult's film alone, at the adult point, flags nothing and stays routine.
-    alone = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], []), [a], points[ADULT], settings, steering, by_pop)
+    alone = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], []), [a], scorer)
     assert alone.ai_priority == Level.ROUTINE and alone.flagged_findings is None
     # A redelivery judges an already stored instance at the thresholds stored with it.
-    redelivered = decide_study(
-        StudyWork(1, "1.2.826.0.1.3", None, [], [c.outcome]), [a], points[ADULT], settings, steering, by_pop
-    )
+    redelivered = decide_study(StudyWork(1, "1.2.826.0.1.3", None, [], [c.outcome]), [a], scorer)
     assert redelivered == decision

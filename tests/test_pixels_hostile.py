@@ -24,8 +24,8 @@ from dicom_io.errors import (
     UnsupportedPhotometric,
 )
 from dicom_io.pixels import load_image, to_model_tensor
+from settings import PixelsConfig, load_settings
 from tests.plugins.pixels import dataset_bytes
-from worker.config import PixelsConfig, load_settings
 
 # Peak Python/numpy allocation allowed while refusing a hostile file: the file itself
 # plus parsing, far below one decoded 65535x65535 frame (8 GiB).

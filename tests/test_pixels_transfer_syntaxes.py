@@ -13,8 +13,8 @@ import pytest
 from pydicom.uid import JPEG2000, UID, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless
 
 from dicom_io.pixels import load_image, to_model_tensor
+from settings import TRANSFER_SYNTAXES
 from tests.plugins.pixels import ENCODERS, LOSSY
-from worker.config import TRANSFER_SYNTAXES
 
 # Lossy tolerances on the (224, 224) tensor in [0, 1]; measured values are about half.
 LOSSY_TOLERANCE = {

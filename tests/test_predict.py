@@ -6,9 +6,9 @@ import json
 
 from models.findings import DISCLAIMER, FINDING_NAMES
 from tests.conftest import pydicom_data_file, shared_file
-from worker.cli import main
+from xray_triage.cli import main
 
-KEYS = {"path", "eligible", "reason", "scores", "flags", "model"}
+KEYS = {"path", "eligible", "reason", "scores", "flags", "model", "priority", "priority_reason"}
 
 
 def _predict(model_dir, files, capsys, json_out=True):
@@ -42,6 +42,9 @@ def test_predict_json_on_real_dicom(tiny_model_dir, capsys):
     animal = by_name["dx_for_presentation_animal_lateral.dcm"]
     assert animal["eligible"] is False and animal["reason"]
     assert not any(animal["flags"].get(f) for f in FINDING_NAMES)  # never flagged when ineligible
+    # An ineligible file is never urgent: the worker's "AI unavailable" routine, with the reason.
+    assert animal["priority"] == "routine" and animal["reason"] in animal["priority_reason"]
+    assert siim["priority"] in ("routine", "urgent", "critical") and siim["priority_reason"]
     jpeg = by_name["IM-0115-0001.jpeg"]
     assert jpeg["eligible"] is True and jpeg["scores"] is not None  # header-less images are scored
 

@@ -19,17 +19,17 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from bench.e2e.dx import dx_from_image
+from db.heartbeats import read_heartbeats
 from db.models import InstanceResult, Study, StudyState, utcnow
 from dicom_io.pixels import PIPELINE_VERSION
 from models.card import ModelCard
 from models.findings import FINDING_NAMES
 from models.registry import resolve_model_path
+from settings import Settings
 from tests.conftest import pydicom_data_file, shared_file
 from tests.plugins.scoring import ScoringEnv, as_new_study, study_uid_of, wait_for
-from worker.config import Settings
-from worker.heartbeat import read_heartbeats
-from worker.scoring import card_steering
-from worker.triage import AI_UNAVAILABLE, Level, worklist_order
+from triage.operating import card_steering
+from triage.policy import AI_UNAVAILABLE, Level, worklist_order
 
 
 def _one_result_per_instance(env: ScoringEnv, uid: str, n: int) -> list[InstanceResult]:
@@ -50,7 +50,7 @@ def _assert_study_opinion(study: Study, results: list[InstanceResult]) -> None:
     assert study.flagged_findings == _expected_flagged_findings(results)
     (result,) = results  # one instance: it is the one that set the level
     # Only findings allowed to steer the priority can be the top finding (the card's operating
-    # points and within-collection evidence decide which: worker.triage.steering_findings).
+    # points and within-collection evidence decide which: triage.policy.steering_findings).
     card = ModelCard.load(resolve_model_path().parent / "card.json")
     steering = card_steering(card, Settings(), result.operating_point or "adult")
     if not steering:  # nothing may steer at this operating point: no top finding to show

@@ -1,4 +1,4 @@
-"""Issue 5 gaps: the whole worker killed with -9 mid-task, and silent mode end to end.
+"""The worker's hard cases: the whole worker killed with -9 mid-task, and silent mode end to end.
 
 Both tests share one listener and one worker per backend (tests/plugins/scoring.py), configured
 with silent mode on and a short processing timeout, so the sweeper re-queues a study whose
@@ -19,7 +19,7 @@ from db.models import Study, StudyState, utcnow
 from tests.conftest import shared_file
 from tests.plugins.scoring import ScoringEnv, open_scoring_env, start_env_worker, study_uid_of, wait_for
 from tests.test_scoring import _candidates, _one_result_per_instance
-from worker.triage import Level, worklist_order
+from triage.policy import Level, worklist_order
 
 PROCESSING_TIMEOUT_S = 10.0  # longer than a legitimate task here; a re-queue of a live one is harmless anyway
 

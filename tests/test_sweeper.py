@@ -128,13 +128,13 @@ def own_redis() -> Iterator[RedisServer]:
 def test_messages_lost_with_redis_are_requeued_and_every_study_scored_once(
     own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    from dicom_io.listener import start
+    from xray_triage.services import start_intake
 
     url = f"sqlite:///{tmp_path / 'xray-triage.db'}"
     upgrade(url)
     settings = scoring_settings(url, own_redis.url, tmp_path, "redis", worker={"queued_timeout_s": 5.0})
     env = ScoringEnv("redis", settings, tmp_path)
-    env.listener = start(settings)
+    env.listener = start_intake(settings)
     try:
         files = [as_new_study(pydicom_data_file("RG1_UNCR.dcm"), tmp_path / f"r{i}.dcm") for i in range(3)]
         for f in files:

@@ -1,7 +1,7 @@
 """Triage policy: priority from scores and thresholds, silent mode, escalation, worklist order.
 
 The policy functions are pure; the ORDER BY expression is run on both real databases so
-issue 6's worklist gets the same order from SQL as from ``sort_key``.
+the worklist gets the same order from SQL as from ``sort_key``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from sqlalchemy import select
 
 from db.models import Study, StudyState, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
-from worker.config import QueuesConfig, TriageConfig
-from worker.handoff import queue_for
-from worker.triage import (
+from settings import QueuesConfig, TriageConfig
+from triage.policy import (
     AI_UNAVAILABLE,
     InstanceOutcome,
     Level,
@@ -30,12 +29,13 @@ from worker.triage import (
     top_finding,
     worklist_order,
 )
+from worker.handoff import queue_for
 
 CARD = {"pneumonia": 0.41, "mass": 0.3, "covid19": 0.5}
 
 
 def _scored(**scores: float) -> InstanceOutcome:
-    return InstanceOutcome("1.2.3", "scored", None, scores)
+    return InstanceOutcome("1.2.3", StudyState.SCORED, None, scores)
 
 
 def test_priority_and_reason_in_words() -> None:
@@ -67,7 +67,7 @@ def test_site_overrides_card_thresholds() -> None:
 
 def test_failed_and_ineligible_stay_on_the_worklist_read_as_usual() -> None:
     cfg = TriageConfig()
-    d = decide([InstanceOutcome("1", "ineligible", "body part EXTREMITY")], CARD, cfg)
+    d = decide([InstanceOutcome("1", StudyState.INELIGIBLE, "body part EXTREMITY")], CARD, cfg)
     assert (d.state, d.reason, d.priority, d.ai_state) == (
         "ineligible",
         "body part EXTREMITY",
@@ -75,14 +75,17 @@ def test_failed_and_ineligible_stay_on_the_worklist_read_as_usual() -> None:
         AI_UNAVAILABLE,
     )
     d = decide(
-        [InstanceOutcome("1", "ineligible", "lateral"), InstanceOutcome("2", "failed", "CorruptPixelData: x")],
+        [
+            InstanceOutcome("1", StudyState.INELIGIBLE, "lateral"),
+            InstanceOutcome("2", StudyState.FAILED, "CorruptPixelData: x"),
+        ],
         CARD,
         cfg,
     )
     assert (d.state, d.reason) == ("failed", "CorruptPixelData: x")
     assert d.priority_reason.startswith(AI_UNAVAILABLE)
     # One scored instance is enough to score the study.
-    d = decide([InstanceOutcome("1", "failed", "x"), _scored(pneumonia=0.1, mass=0.1, covid19=0.1)], CARD, cfg)
+    d = decide([InstanceOutcome("1", StudyState.FAILED, "x"), _scored(pneumonia=0.1, mass=0.1, covid19=0.1)], CARD, cfg)
     assert d.state == "scored"
 
 
@@ -121,7 +124,7 @@ def test_top_finding_comes_from_the_instance_that_set_the_level() -> None:
 def test_flagged_findings_is_the_union_over_instances_in_finding_order() -> None:
     outcomes = [
         _scored(pneumonia=0.1, mass=0.1, covid19=0.6),
-        InstanceOutcome("2", "failed", "x"),
+        InstanceOutcome("2", StudyState.FAILED, "x"),
         _scored(pneumonia=0.5, mass=0.1, covid19=0.1),
     ]
     d = decide(outcomes, CARD, TriageConfig())
@@ -145,7 +148,11 @@ def test_silent_mode_still_records_the_models_opinion() -> None:
 
 
 def test_failed_and_ineligible_have_no_top_finding() -> None:
-    for outcomes in ([InstanceOutcome("1", "ineligible", "lateral")], [InstanceOutcome("1", "failed", "x")], []):
+    for outcomes in (
+        [InstanceOutcome("1", StudyState.INELIGIBLE, "lateral")],
+        [InstanceOutcome("1", StudyState.FAILED, "x")],
+        [],
+    ):
         d = decide(outcomes, CARD, TriageConfig())
         assert (d.top_finding, d.top_score, d.flagged_findings) == (None, None, None)
 
@@ -239,14 +246,14 @@ def test_a_finding_with_a_useless_operating_point_does_not_steer() -> None:
 def test_informational_findings_are_flagged_and_named_but_leave_the_level() -> None:
     cfg = TriageConfig()
     thresholds = {"pneumonia": 0.54, "mass": 0.13, "covid19": 0.30}
-    only_mass = InstanceOutcome("1.1", "scored", scores={"pneumonia": 0.10, "mass": 0.40, "covid19": 0.01})
+    only_mass = InstanceOutcome("1.1", StudyState.SCORED, scores={"pneumonia": 0.10, "mass": 0.40, "covid19": 0.01})
     d = decide([only_mass], thresholds, cfg, steering={"pneumonia", "covid19"})
     assert (d.priority, d.ai_priority) == (Level.ROUTINE, Level.ROUTINE)
     assert d.flagged_findings == ",mass,"  # still filterable on the worklist
     assert d.top_finding == "covid19"  # the closest steering miss (0.29 short), not mass
     assert "informational, not steering: mass 0.40 ≥ 0.13" in d.priority_reason
     assert decide([only_mass], thresholds, cfg).priority == Level.URGENT  # default: every finding steers
-    both = InstanceOutcome("1.2", "scored", scores={"pneumonia": 0.70, "mass": 0.40, "covid19": 0.01})
+    both = InstanceOutcome("1.2", StudyState.SCORED, scores={"pneumonia": 0.70, "mass": 0.40, "covid19": 0.01})
     d = decide([both], thresholds, cfg, steering={"pneumonia", "covid19"})
     assert d.priority == Level.URGENT and d.top_finding == "pneumonia"
     assert d.priority_reason.startswith("urgent: pneumonia 0.70 ≥ 0.54; informational")
@@ -302,8 +309,8 @@ def test_weak_within_collection_evidence_does_not_steer() -> None:
 def test_the_shipped_card_steers_only_on_its_evidence() -> None:
     from models.card import ModelCard
     from models.registry import DEFAULT_MODEL_DIR
-    from worker.config import Settings
-    from worker.scoring import card_evidence, card_specificity, card_steering
+    from settings import Settings
+    from triage.operating import card_evidence, card_specificity, card_steering
 
     card = ModelCard.load(DEFAULT_MODEL_DIR / "card.json")
     spec = card_specificity(card)
@@ -335,9 +342,9 @@ def test_steering_follows_each_instance_population() -> None:
     thresholds = {"pneumonia": 0.5, "mass": 0.5, "covid19": 0.5}
     by_pop = {"adult": frozenset({"covid19"}), "paediatric": frozenset({"pneumonia"})}
     scores = {"pneumonia": 0.8, "mass": 0.1, "covid19": 0.1}
-    child = InstanceOutcome("1.1", "scored", scores=scores, thresholds=thresholds, population="paediatric")
-    adult = InstanceOutcome("1.2", "scored", scores=scores, thresholds=thresholds, population="adult")
-    unknown = InstanceOutcome("1.3", "scored", scores=scores, thresholds=thresholds)  # stored before: adult
+    child = InstanceOutcome("1.1", StudyState.SCORED, scores=scores, thresholds=thresholds, population="paediatric")
+    adult = InstanceOutcome("1.2", StudyState.SCORED, scores=scores, thresholds=thresholds, population="adult")
+    unknown = InstanceOutcome("1.3", StudyState.SCORED, scores=scores, thresholds=thresholds)  # stored before: adult
     assert decide([child], thresholds, cfg, by_pop["adult"], by_pop).priority == Level.URGENT
     d = decide([adult], thresholds, cfg, by_pop["adult"], by_pop)
     assert d.priority == Level.ROUTINE and "informational, not steering: pneumonia 0.80" in d.priority_reason
@@ -351,9 +358,9 @@ def test_each_instance_is_judged_at_its_own_operating_point() -> None:
     cfg = TriageConfig()
     paediatric = {"pneumonia": 0.7, "mass": 0.3, "covid19": 0.2}
     child = InstanceOutcome(
-        "1.1", "scored", scores={"pneumonia": 0.6, "mass": 0.1, "covid19": 0.25}, thresholds=paediatric
+        "1.1", StudyState.SCORED, scores={"pneumonia": 0.6, "mass": 0.1, "covid19": 0.25}, thresholds=paediatric
     )
-    adult = InstanceOutcome("1.2", "scored", scores={"pneumonia": 0.38, "mass": 0.1, "covid19": 0.1})
+    adult = InstanceOutcome("1.2", StudyState.SCORED, scores={"pneumonia": 0.38, "mass": 0.1, "covid19": 0.1})
     # At the study-wide (adult) CARD point the child's pneumonia 0.60 would be urgent; at its own 0.70 it is not,
     # while its covid19 0.25 reaches the paediatric 0.20 (adult 0.50).
     d = decide([child, adult], CARD, cfg)
@@ -362,11 +369,11 @@ def test_each_instance_is_judged_at_its_own_operating_point() -> None:
     assert (d.top_finding, d.top_score, d.flagged_findings) == ("covid19", 0.25, ",covid19,")
     assert flagged_findings([child, adult], CARD) == ",covid19,"
     # Without its own thresholds the same film is judged at the study's, exactly as before.
-    plain = InstanceOutcome("1.1", "scored", scores=child.scores)
+    plain = InstanceOutcome("1.1", StudyState.SCORED, scores=child.scores)
     d = decide([plain, adult], CARD, cfg)
     assert d.priority_reason == "urgent: pneumonia 0.60 ≥ 0.41" and d.flagged_findings == ",pneumonia,"
     # One population: carrying the study's own thresholds changes nothing.
-    same = InstanceOutcome("1.1", "scored", scores=child.scores, thresholds=CARD)
+    same = InstanceOutcome("1.1", StudyState.SCORED, scores=child.scores, thresholds=CARD)
     assert decide([same, adult], CARD, cfg) == decide([plain, adult], CARD, cfg)
 
 
@@ -375,7 +382,7 @@ def test_per_instance_thresholds_and_steering_together() -> None:
     spec_low = {"pneumonia", "covid19"}  # mass informational, as with the shipped card
     paediatric = {"pneumonia": 0.8, "mass": 0.05, "covid19": 0.6}
     child = InstanceOutcome(
-        "1.1", "scored", scores={"pneumonia": 0.5, "mass": 0.1, "covid19": 0.1}, thresholds=paediatric
+        "1.1", StudyState.SCORED, scores={"pneumonia": 0.5, "mass": 0.1, "covid19": 0.1}, thresholds=paediatric
     )
     d = decide([child], CARD, cfg, steering=spec_low)
     assert d.priority == Level.ROUTINE  # pneumonia 0.50 is below the child's 0.80 though above the adult 0.41

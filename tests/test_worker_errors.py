@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from broker import make_celery
 from db.models import StudyState, utcnow
 from db.session import make_engine, make_sessionmaker
 from tests.conftest import pydicom_data_file
 from tests.plugins.ingest import storescu
 from tests.plugins.scoring import ScoringEnv, as_new_study, scoring_settings, study_uid_of
-from worker.celery_app import make_celery
+from triage.policy import AI_UNAVAILABLE, Level
 from worker.handoff import Handoff, scan_once
 from worker.tasks import backoff_s, register_tasks
-from worker.triage import AI_UNAVAILABLE, Level
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

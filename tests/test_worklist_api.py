@@ -1,4 +1,4 @@
-"""The worklist web app (issue 6) through its HTTP interface, on SQLite and on PostgreSQL.
+"""The worklist web app through its HTTP interface, on SQLite and on PostgreSQL.
 
 Every test drives the real app (``worklist.app.create_app``) with FastAPI's TestClient over a
 migrated database of the ``backend`` fixture: order and escalation against the triage
@@ -23,7 +23,7 @@ from sqlalchemy import func, select, text
 
 from db.models import Study, utcnow
 from tests.plugins.worklist import PASSWORD, WorklistApp, csrf_from
-from worker.triage import Level, effective_priority, sort_key
+from triage.policy import Level, effective_priority, sort_key
 
 ROW_RE = re.compile(r'<tr data-uid="([^"]+)" data-priority="(\w+)"')
 URL_ATTR_RE = re.compile(r'\b(?:href|src|action)="([^"]*)"')
@@ -997,7 +997,7 @@ def test_analyse_scores_real_uploads_without_storing_them(make_worklist) -> None
     assert r.status_code == 200, r.text
     body = r.json()
     from models.registry import get_model
-    from worker.scoring import model_steering
+    from triage.operating import model_steering
 
     model = get_model()
     steering = model_steering(model, wl.settings)

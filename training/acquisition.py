@@ -48,7 +48,7 @@ class AcquisitionConfig:
     def from_dict(cls, data: dict[str, Any] | None) -> AcquisitionConfig | None:
         if data is None:
             return None
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**fields)
 
 

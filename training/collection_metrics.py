@@ -91,7 +91,7 @@ class Comparison:
     positive: Predicate
     negative: Predicate
     # The evidence for this finding in ``population``: whether it may steer a worklist for
-    # images judged at that operating point (worker.triage) is decided on this comparison's
+    # images judged at that operating point (triage.policy) is decided on this comparison's
     # test figure, not on any pooled AUC.
     evidence: bool = False
     population: str = "adult"

@@ -109,7 +109,7 @@ def evaluate(
 
     model = TriageModel.load(model_path)
     recs, info = read_data(data, split)
-    out = Path(out_dir) if out_dir else Path(model.path).parent / "report"
+    out = Path(out_dir) if out_dir else Path(model.path or model_path).parent / "report"
     out.mkdir(parents=True, exist_ok=True)
     names = [finding] if finding else list(FINDING_NAMES)
     cols = [FINDING_NAMES.index(n) for n in names]
@@ -170,7 +170,9 @@ def evaluate(
             ys, ps, names, thresholds, out / "confidence.png"
         ),
         "Calibration curves": plots.plot_calibration(ys, ps, names, out / "calibration.png"),
-        "Training history": plots.plot_history(Path(model.path).parent / "history.csv", out / "history.png"),
+        "Training history": plots.plot_history(
+            Path(model.path or model_path).parent / "history.csv", out / "history.png"
+        ),
     }
     picks = _pick_examples(y, p, thresholds, n_examples)
     if picks:

@@ -254,7 +254,7 @@ def read_dataset(kind: str, path: str | Path, **kwargs: str) -> list[Record]:
         reader = READERS[kind]
     except KeyError:
         raise ValueError(f"unknown dataset kind {kind!r}; choose from {sorted(READERS)}") from None
-    return reader(path, **kwargs)  # type: ignore[operator]
+    return reader(path, **kwargs)
 
 
 def read_shared_data(root: str | Path) -> list[Record]:

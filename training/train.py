@@ -206,6 +206,7 @@ class EpochLogger:
         val_sources: Sequence[str] | None = None,
     ) -> None:
         self.run, self.x_val, self.y_val, self.patience = run, x_val, y_val, patience
+        self.t0 = time.perf_counter()  # reset when each fit starts
         self.state = state
         # Checkpoints are chosen on AUCs within one collection when sources are given: a pooled
         # AUC keeps rising while the model learns to tell collections apart.
@@ -347,19 +348,15 @@ def merge_comparisons(report: dict[str, Any], held: dict[str, Any], held_out: li
 
 def steering_limitations(card: ModelCard) -> list[str]:
     """The card says, per operating point, which findings steer a worklist under the default
-    triage policy and why not the others (the rule itself is worker.triage's)."""
-    from models.operating_points import POPULATIONS
-    from worker.config import TriageConfig
-    from worker.scoring import card_evidence, card_specificity
-    from worker.triage import steering_explanation
+    triage policy and why not the others (the rule itself is the triage package's)."""
+    from settings import Settings
+    from triage.operating import steering_reasons
 
-    cfg = TriageConfig()
-    lines = []
-    for pop in POPULATIONS:
-        for f in card.findings:
-            why = steering_explanation(f, card_specificity(card, pop), cfg, card_evidence(card, pop))
-            lines.append(f"Triage, {pop} operating point, {f}: {why} (default policy, docs/triage.md).")
-    return lines
+    return [
+        f"Triage, {pop} operating point, {f}: {why} (default policy, docs/triage.md)."
+        for pop, reasons in steering_reasons(card, Settings()).items()
+        for f, why in reasons.items()
+    ]
 
 
 def fold_platt(model: Any, params: list[tuple[float, float]]) -> None:
@@ -410,11 +407,10 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
     """Train, calibrate, choose thresholds, export; return the exported model file."""
     import keras
 
+    from models.losses import MaskedBinaryCrossentropy, MaskedMapLoss
     from training.acquisition import AcquisitionConfig
     from training.dataset import (
         BalancedBatches,
-        MaskedBinaryCrossentropy,
-        MaskedMapLoss,
         TrainingTransform,
         balanced_class_weights,
         load_tensors,

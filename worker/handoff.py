@@ -17,11 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,22 +26,15 @@ from db.models import Study, StudyState, utcnow
 from db.session import session_scope
 from db.transitions import move_state
 from dicom_io.ingest import is_urgent
-from worker.celery_app import PROCESS_STUDY_TASK
-from worker.config import QueuesConfig, Settings
+from settings import QueuesConfig, Settings
+from worker.publish import Handoff, Publisher, celery_publisher
+from worker.sweeper import sweep_once
+
+__all__ = ["Handoff", "HandoffThread", "Publisher", "celery_publisher", "queue_for", "scan_once"]
 
 log = logging.getLogger("xray_triage.handoff")
 
 SCAN_BATCH = 100
-
-
-@dataclass(frozen=True)
-class Handoff:
-    study_uid: str
-    generation: int
-    queue: str
-
-
-Publisher = Callable[[Handoff], None]
 
 
 def queue_for(requested_priority: str | None, queues: QueuesConfig, calling_ae: str | None = None) -> str:
@@ -53,15 +43,6 @@ def queue_for(requested_priority: str | None, queues: QueuesConfig, calling_ae: 
     if calling_ae is not None and calling_ae.strip() in queues.urgent_calling_aes:
         return queues.urgent
     return queues.urgent if is_urgent(requested_priority) else queues.routine
-
-
-def celery_publisher(app: Celery) -> Publisher:
-    """Publish a hand-off as the process_study task message: identifiers only, never pixels."""
-
-    def publish(handoff: Handoff) -> None:
-        app.send_task(PROCESS_STUDY_TASK, args=[handoff.study_uid, handoff.generation], queue=handoff.queue)
-
-    return publish
 
 
 def due_studies(
@@ -149,8 +130,6 @@ class HandoffThread(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        from worker.sweeper import sweep_once
-
         cfg = self.settings.handoff
         next_sweep = 0.0
         while not self._stop_event.is_set():

@@ -7,7 +7,7 @@ longer than the configured timeout and hands them off again with a new generatio
 publish in one transaction, as the hand-off does); the new generation makes any late copy of
 the old message stale, and results keyed by (instance, model) make a re-run write nothing twice.
 
-It runs in the listener process, in the hand-off thread (worker/handoff.py), so every
+It runs in the listener process, in the hand-off thread (``worker.handoff``), so every
 deployment that receives studies also sweeps them; several listeners may sweep the same
 database, the conditional UPDATE lets exactly one win each study.
 """
@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Study, StudyState, utcnow
 from db.session import session_scope
 from db.transitions import move_state
-from worker.config import Settings
-from worker.handoff import Handoff, Publisher
+from settings import Settings
+from worker.publish import Handoff, Publisher
 
 log = logging.getLogger("xray_triage.sweeper")
 

@@ -34,23 +34,16 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from broker import PROCESS_STUDY_TASK
 from db.models import Study, StudyState, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
 from db.transitions import move_state
-from models.operating_points import ADULT
-from worker.celery_app import PROCESS_STUDY_TASK
-from worker.config import Settings
+from models.registry import TriageModel
+from settings import Settings
+from triage.policy import AI_UNAVAILABLE, Decision, Level
+from triage.service import Scorer
 from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
-from worker.scoring import (
-    decide_study,
-    final_state,
-    operating_points,
-    pending_instances,
-    run_pipeline,
-    steering_points,
-    store_results,
-)
-from worker.triage import AI_UNAVAILABLE, Decision, Level
+from worker.scoring import decide_study, final_state, pending_instances, run_pipeline, store_results
 
 log = logging.getLogger("xray_triage.tasks")
 
@@ -145,7 +138,7 @@ def backoff_s(retries: int, base: float, cap: float) -> float:
     return float(min(cap, base * 2 ** min(retries, 30)))
 
 
-def scoring_model(settings: Settings) -> Any:
+def scoring_model(settings: Settings) -> TriageModel:
     """The configured model, loaded once per process (models.registry caches it)."""
     from models.registry import get_model
 
@@ -160,7 +153,7 @@ class Outcome:
 
 
 def score_claimed(
-    factory: sessionmaker[Session], settings: Settings, model: Any, study_id: int, generation: int
+    factory: sessionmaker[Session], settings: Settings, model: TriageModel, study_id: int, generation: int
 ) -> Outcome:
     """Run the pipeline for a study this process holds in `processing`; store everything at once."""
     from dicom_io.pixels import PIPELINE_VERSION
@@ -168,10 +161,9 @@ def score_claimed(
     started = utcnow()
     with factory() as session:
         work = pending_instances(session, study_id, model.ref)
-    points = operating_points(model, settings)  # per population: each instance is judged at its own
-    rows, _ = run_pipeline(model, work, settings, points)
-    steer = steering_points(model, settings)  # per population, like the thresholds
-    decision = decide_study(work, rows, points[ADULT], settings, steer[ADULT], steer)
+    scorer = Scorer(model, settings)  # thresholds and steering per population, once per study
+    rows, _ = run_pipeline(scorer, work, settings)
+    decision = decide_study(work, rows, scorer)
     state = final_state(decision)
     with session_scope(factory) as session:
         now = utcnow()

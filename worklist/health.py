@@ -13,8 +13,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.config import Settings
-from worker.heartbeat import read_heartbeats
+from db.heartbeats import read_heartbeats
+from settings import Settings
 
 CHECK_TIMEOUT_S = 3.0
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
@@ -40,7 +40,7 @@ _CELERY_APPS: dict[str, Any] = {}
 
 
 def _broker(settings: Settings) -> dict[str, Any]:
-    from worker.celery_app import make_celery, queue_depths
+    from broker import make_celery, queue_depths
 
     # One Celery app per broker URL for the process: a monitoring probe every few seconds
     # should not rebuild the app (and its connection pool) each time.
@@ -51,7 +51,7 @@ def _broker(settings: Settings) -> dict[str, Any]:
 
 
 def workers(session: Session, now: datetime, stale_after_s: float) -> list[dict[str, Any]]:
-    """Heartbeat rows as plain JSON-ready data (``worker.heartbeat.read_heartbeats``)."""
+    """Heartbeat rows as plain JSON-ready data (``db.heartbeats.read_heartbeats``)."""
     out = []
     for hb in read_heartbeats(session, now, stale_after_s):
         out.append(

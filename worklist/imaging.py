@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.errors import InvalidDicomError
 
-from dicom_io.eligibility import check_eligibility
-from dicom_io.errors import PixelError
-from dicom_io.pixels import load_image, render_display, to_model_tensor
+from dicom_io.pixels import render_display
 from models.heatmap_image import colorize, crop_letterbox
-from models.operating_points import ADULT, decide_population
-from worker.config import PixelsConfig
-from worker.triage import flags_for
+from settings import PixelsConfig
+from triage.service import FAILED, ImageInput, Scorer
 
 # pydicom and the pixel path are imported above, once, when the app is built, not inside the
 # endpoints: there, the first two requests of a study page (image.png and heatmaps/*.png, on
@@ -109,8 +104,11 @@ class Analysis:
     thresholds: dict[str, float]
     flags: dict[str, bool]
     top_findings: list[tuple[str, float]]
-    # Findings whose operating point does not steer priority (worker.triage.steering_findings).
+    # Findings whose operating point does not steer priority (triage.operating.steering_points).
     informational: list[str]
+    # The priority (and its reason) the worker would give a study of this one image.
+    priority: str
+    priority_reason: str
     image_png: bytes
     heatmap_pngs: dict[str, bytes]
     model: str
@@ -131,6 +129,8 @@ class Analysis:
             "flags": self.flags,
             "top_findings": [{"finding": f, "score": s} for f, s in self.top_findings],
             "informational": self.informational,
+            "priority": self.priority,
+            "priority_reason": self.priority_reason,
             "image_png": uri(self.image_png),
             "heatmaps": {f: uri(b) for f, b in self.heatmap_pngs.items()},
             "model": self.model,
@@ -141,79 +141,37 @@ class UnreadableImage(ValueError):
     """The upload is not a DICOM, PNG or JPEG image the pixel path can read."""
 
 
-def _sniff(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "png"
-    if data.startswith(b"\xff\xd8"):
-        return "jpeg"
-    if len(data) > 132 and data[128:132] == b"DICM":
-        return "dicom"
-    return "dicom?"  # DICOM without a preamble is legal; the parser decides
-
-
-def analyse(
-    data: bytes,
-    model: Any,
-    points: Mapping[str, Mapping[str, float]],
-    settings: Any,
-    steering: Mapping[str, frozenset[str]] | None = None,
-) -> Analysis:
+def analyse(data: bytes, scorer: Scorer) -> Analysis:
     """Eligibility, pixel path, scores and heatmaps for one uploaded file, all in memory.
 
-    ``points`` and ``steering`` are the thresholds and steering findings per population
-    (``worker.scoring.operating_points`` / ``steering_points``): an upload is judged at the
-    operating point its header's age selects, as the worker would.
+    The scoring service (``triage.service``) judges the upload exactly as the worker would
+    judge the same file pushed over DICOM: the site's eligibility rules and thresholds, at the
+    operating point its header's age selects, with that point's steering findings.
     """
-    kind = _sniff(data)
-    notes: list[str] = []
-    source: Any = data
-    ds: Any = None
-    eligible, reason = True, None
-    if kind.startswith("dicom"):
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=kind == "dicom?")
-            _ = ds.PixelData  # a DICOM object without pixels is not an image
-        except (InvalidDicomError, AttributeError, EOFError, ValueError, OSError, KeyError) as exc:
-            raise UnreadableImage(f"not a DICOM, PNG or JPEG image ({type(exc).__name__})") from None
-        elig = check_eligibility(ds, settings.eligibility)
-        eligible, reason = bool(elig.eligible), elig.reason
-        notes += list(getattr(elig, "flags", ()))
-        source = ds
-        kind = "dicom"
-    else:
-        notes.append("no DICOM header")
-    try:
-        rendered = load_image(source, settings.pixels)
-        tensor = to_model_tensor(rendered, size=model.input_size)
-        shown = render_display(rendered, max_size=DISPLAY_MAX)
-    except PixelError as exc:
-        raise UnreadableImage(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - a decoder error on one upload is that upload's problem
-        raise UnreadableImage(f"pixel data not decodable ({type(exc).__name__})") from None
-    point = decide_population(ds)
-    notes.append(point.note)
-    thresholds = dict(points.get(point.population, points[ADULT]))
-    steers = None if steering is None else steering.get(point.population, steering.get(ADULT))
-    findings = list(model.card.findings)
-    maps, probs = model.heatmaps(tensor[np.newaxis], findings)
-    scores = {f: float(probs[0][j]) for j, f in enumerate(findings)}
-    flags = flags_for(scores, thresholds) if eligible else dict.fromkeys(scores, False)
+    [j] = scorer.judge([ImageInput("upload", data)], score_ineligible=True, heatmaps=True, keep_image=True)
+    if j.outcome == FAILED or j.scores is None or j.image is None or j.heatmaps is None:
+        raise UnreadableImage(j.reason or "not a DICOM, PNG or JPEG image")
+    rendered = j.image
+    shown = render_display(rendered, max_size=DISPLAY_MAX)
     heatmaps = {
-        f: png_bytes(np.ascontiguousarray(crop_letterbox(colorize(maps[0, j]), rendered.shape)))
-        for j, f in enumerate(findings)
+        f: png_bytes(np.ascontiguousarray(crop_letterbox(colorize(j.heatmaps[k]), rendered.shape)))
+        for k, f in enumerate(j.scores)
     }
-    ranked = sorted(scores.items(), key=lambda kv: kv[1] - thresholds.get(kv[0], 0.5), reverse=True)
+    priority, priority_reason = scorer.priority_of(j)
+    ranked = sorted(j.scores.items(), key=lambda kv: kv[1] - j.thresholds.get(kv[0], 0.5), reverse=True)
     return Analysis(
-        kind=kind,
-        eligible=eligible,
-        reason=reason,
-        notes=notes,
-        scores=scores,
-        thresholds=dict(thresholds),
-        flags=flags,
-        top_findings=[(f, s) for f, s in ranked if flags.get(f) and (steers is None or f in steers)],
-        informational=sorted(f for f in scores if steers is not None and f not in steers),
+        kind=j.kind,
+        eligible=j.eligible,
+        reason=j.reason,
+        notes=list(j.notes),
+        scores=j.scores,
+        thresholds=dict(j.thresholds),
+        flags=j.flags,
+        top_findings=[(f, s) for f, s in ranked if j.flags.get(f) and f in j.steering],
+        informational=j.informational,
+        priority=priority,
+        priority_reason=priority_reason,
         image_png=png_bytes(shown),
         heatmap_pngs=heatmaps,
-        model=model.ref,
+        model=scorer.model.ref,
     )

@@ -1,11 +1,11 @@
 """Worklist and study queries: data in (filters, now, policy), rows out.
 
-The order is the triage policy's (worker/triage.py): effective priority, then waiting time.
+The order is the triage policy's (triage/policy.py): effective priority, then waiting time.
 Effective priority depends on *now* (a study rises a level once it has waited past its
 level's cap), so a plain ``ORDER BY CASE ...`` would sort every row of the table for every
 page.  Instead each (stored priority, waited past the cap or not) pair is a range of the
 index ``(priority, received_at, id)`` with a constant effective level
-(``worker.triage.priority_segments``); each range is read in index order with the page's
+(``triage.policy.priority_segments``); each range is read in index order with the page's
 LIMIT and the few resulting rows are merged.  A page therefore costs a handful of short
 index range scans whatever the size of the table (bench/worklist shows the plans).
 """
@@ -21,21 +21,24 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import ColumnElement, Select, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from db.models import InstanceResult, ReadState, Series, StateTransition, Study, StudyState
+from db.models import (
+    PENDING_STATES,
+    AiState,
+    Instance,
+    InstanceResult,
+    ReadState,
+    Series,
+    StateTransition,
+    Study,
+    StudyState,
+    ai_state_of,
+)
 from models.findings import FINDING_NAMES
-from worker.config import TriageConfig, WebConfig
-from worker.triage import AI_UNAVAILABLE, Level, priority_segments
+from settings import TriageConfig, WebConfig
+from triage.policy import AI_UNAVAILABLE, Level, priority_segments
 
-PENDING_STATES = (StudyState.RECEIVING, StudyState.QUEUED, StudyState.PROCESSING)
 COUNT_CAP = 10_000
 MAX_PAGE_SIZE = 200
-
-
-class AiState(enum.StrEnum):
-    SCORED = "scored"
-    INELIGIBLE = "ineligible"
-    FAILED = "failed"
-    PENDING = "pending"
 
 
 class PriorityName(enum.StrEnum):
@@ -207,10 +210,6 @@ def mask_id(patient_id: str | None) -> str | None:
     return "***" + patient_id[-2:] if len(patient_id) > 4 else "***"
 
 
-def ai_state_of(state: str) -> AiState:
-    return AiState(state) if state in ("scored", "ineligible", "failed") else AiState.PENDING
-
-
 def waiting(received_at: datetime, now: datetime) -> str:
     minutes = max(0, int((now - received_at).total_seconds() // 60))
     if minutes < 60:
@@ -332,7 +331,7 @@ def find_study(session: Session, study_uid: str) -> Study | None:
 
 def study_detail(session: Session, study: Study, cfg: TriageConfig, web: WebConfig, now: datetime) -> dict[str, Any]:
     """The study page's data: the worklist row plus instances, their results, timings and history."""
-    from worker.triage import effective_priority
+    from triage.policy import effective_priority
 
     effective = effective_priority(study.priority, study.received_at, now, cfg)
     row = study_row(study, effective, _series_summary(session, [study.id]).get(study.id, (None, None)), now, web)
@@ -414,10 +413,10 @@ def set_read_state(session: Session, study: Study, state: ReadState, username: s
     study.read_state_at = now
 
 
-def instance_for(session: Session, study: Study, sop_instance_uid: str) -> tuple[Any, InstanceResult | None] | None:
+def instance_for(
+    session: Session, study: Study, sop_instance_uid: str
+) -> tuple[Instance, InstanceResult | None] | None:
     """(newest Instance of that UID in this study, its result for the study's model) or None."""
-    from db.models import Instance
-
     inst = session.scalar(
         select(Instance)
         .join(Series)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from worker.config import Settings
+from settings import Settings
 
 
 def serve(settings: Settings) -> None:

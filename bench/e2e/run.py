@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("XRAY_TRIAGE_SHARED_DATA", REPO.parent / "shared" / "data"))
 PG_ADMIN_URL = os.environ.get("XT_BENCH_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("XT_BENCH_REDIS", "redis://127.0.0.1:6379/0")
-MIN_STABILITY_WINDOW_S = 0.1  # worker/config.py HandoffConfig lower bound
+MIN_STABILITY_WINDOW_S = 0.1  # settings/config.py HandoffConfig lower bound
 
 
 def _sources(n: int) -> list[Path]:
@@ -98,7 +98,7 @@ class Database:
 def _settings(db_url: str, var: Path, tag: str) -> Any:
     import socket
 
-    from worker.config import Settings
+    from settings import Settings
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,7 +154,7 @@ def _start_worker(settings: Any, var: Path, concurrency: int) -> subprocess.Pope
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
     log = (var / "worker.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "--config", str(config), "worker", "--concurrency", str(concurrency)],
+        [sys.executable, "-m", "xray_triage.cli", "--config", str(config), "worker", "--concurrency", str(concurrency)],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -168,10 +168,10 @@ def _p95(sorted_values: list[float]) -> float:
 
 def run_config(files: list[Path], concurrency: int, interval_s: float, root: Path) -> dict[str, Any]:
     """One worker configuration: warm-up, paced latency run, backlog throughput run."""
+    from broker import make_celery
     from db.session import make_engine, make_sessionmaker
-    from dicom_io.listener import start
-    from worker.celery_app import make_celery
     from worker.handoff import HandoffThread, celery_publisher
+    from xray_triage.services import start_intake
 
     var = root / f"c{concurrency}"
     var.mkdir()
@@ -179,7 +179,7 @@ def run_config(files: list[Path], concurrency: int, interval_s: float, root: Pat
     settings = _settings(db.url, var, f"{os.getpid()}-{concurrency}")
     factory = make_sessionmaker(make_engine(db.url))
     worker = _start_worker(settings, var, concurrency)
-    listener = start(settings)
+    listener = start_intake(settings)
     try:
         # Warm-up: every pool process has loaded the model before anything is timed.
         warm = _fresh_uids(files[: 2 * concurrency], var / "warm")
@@ -205,7 +205,7 @@ def run_config(files: list[Path], concurrency: int, interval_s: float, root: Pat
 
         # Backlog: push with the hand-off paused, then release every study at once.
         listener.stop()
-        listener = start(settings, with_handoff=False)
+        listener = start_intake(settings, with_handoff=False)
         backlog = _fresh_uids(files, var / "backlog")
         for path, _ in backlog:
             _push(listener.port, path)

@@ -31,8 +31,8 @@ import pydicom
 import pytest
 
 from db.session import make_engine, upgrade
+from settings import Settings
 from tests.conftest import free_port, pydicom_data_file, shared_file
-from worker.config import Settings
 
 PG_ADMIN_URL = os.environ.get("XT_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -287,12 +287,12 @@ def sqlite_backend(tmp_path: Path) -> Backend:
 @pytest.fixture
 def start_listener() -> Iterator[Callable[..., Any]]:
     """Start listeners in background threads; all are stopped at teardown."""
-    from dicom_io.listener import start
+    from xray_triage.services import start_intake
 
     handles: list[Any] = []
 
     def _start(settings: Settings, with_handoff: bool = True) -> Any:
-        handle = start(settings, with_handoff=with_handoff)
+        handle = start_intake(settings, with_handoff=with_handoff)
         handles.append(handle)
         return handle
 

@@ -29,10 +29,10 @@ from sqlalchemy import select, text
 
 from db.models import InstanceResult, StateTransition, Study, StudyState
 from db.session import make_engine, make_sessionmaker, upgrade
+from settings import Settings
 from tests.conftest import REPO, free_port
 from tests.plugins.ingest import AE_TITLE, PG_ADMIN_URL, PG_HOST, PG_PORT, REDIS_URL, SESSION_TAG, TcpProxy, storescu
 from tests.plugins.ingest import wait_for as wait_for
-from worker.config import Settings
 
 FINAL = (StudyState.SCORED, StudyState.INELIGIBLE, StudyState.FAILED)
 
@@ -73,7 +73,16 @@ class WorkerProcess:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "--config", str(config), "worker", "--concurrency", str(concurrency)],
+            [
+                sys.executable,
+                "-m",
+                "xray_triage.cli",
+                "--config",
+                str(config),
+                "worker",
+                "--concurrency",
+                str(concurrency),
+            ],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -212,7 +221,7 @@ def open_scoring_env(backend: str, var: Path, **sections: dict[str, Any]) -> Ite
 
     `sections` override the scoring settings (e.g. ``triage={"silent_mode": True}``).
     """
-    from dicom_io.listener import start
+    from xray_triage.services import start_intake
 
     tag = f"{SESSION_TAG}-{backend}-{os.getpid()}-{var.name}"
     db: ScoringDatabase | None = None
@@ -225,7 +234,7 @@ def open_scoring_env(backend: str, var: Path, **sections: dict[str, Any]) -> Ite
         settings = scoring_settings(db.url, REDIS_URL, var, tag, **sections)
     env = ScoringEnv(backend, settings, var)
     try:
-        env.listener = start(settings)
+        env.listener = start_intake(settings)
         if db is not None:
             env.proxy = TcpProxy((PG_HOST, PG_PORT))
             env.worker_database_url = db.url_via("127.0.0.1", env.proxy.port)

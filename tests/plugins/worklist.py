@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import AuditEvent, Series, Study, User, WorkerHeartbeat, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope, upgrade
+from settings import Settings
 from tests.plugins.ingest import Backend
-from worker.config import Settings
 
 PASSWORD = "correct horse battery staple"
 _CSRF_FIELD_RE = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -31,19 +31,19 @@ from sqlalchemy import select
 from bench.e2e.dx import dx_from_image
 from db.models import Study, StudyState
 from db.session import make_engine, make_sessionmaker
+from settings import Settings
 from tests.conftest import REPO, free_port
 from tests.plugins.ingest import storescu, wait_for
 from tests.plugins.pixels import dicom_from_pixels
 from tests.plugins.scoring import FINAL, scoring_settings, write_config
-from worker.config import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WINDOW = (1400, 1000)
 ARTIFACTS = REPO / "test-artifacts"
 USER, PASSWORD = "dr.browser", "browser-test-passphrase-42"
-# `xray-triage ...` exactly as the console script runs it (worker.cli:main), with this venv.
-CLI = [sys.executable, "-m", "worker.cli"]
+# `xray-triage ...` exactly as the console script runs it (xray_triage.cli:main), with this venv.
+CLI = [sys.executable, "-m", "xray_triage.cli"]
 
 
 def chest_cr(

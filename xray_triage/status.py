@@ -6,10 +6,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from broker import make_celery, queue_depths
 from db.models import Study, StudyState
 from db.session import make_engine, make_sessionmaker
-from worker.celery_app import make_celery, queue_depths
-from worker.config import Settings
+from settings import Settings
 
 
 def study_counts(settings: Settings) -> dict[str, int]:

@@ -10,7 +10,7 @@ because ordering by priority alone makes the longest waits longer.  Silent mode 
 model's opinion (``ai_priority``) but stores ROUTINE as the priority, so the order stays by
 time until a site has checked the model on its own data.
 
-Issue 6's worklist calls ``worklist_order(settings.triage, now)`` (SQLAlchemy ORDER BY
+The worklist calls ``worklist_order(settings.triage, now)`` (SQLAlchemy ORDER BY
 clauses) or, for lists already in memory, ``sort_key``/``effective_priority``; it shows the
 study's ``top_finding`` and filters on ``flagged_findings`` (see ``Decision``).
 """
@@ -25,10 +25,10 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, case, func
 
-from db.models import Study
+from db.models import Study, StudyState
 from models.findings import FINDING_INDEX
 from models.operating_points import ADULT
-from worker.config import TriageConfig
+from settings import TriageConfig
 
 AI_UNAVAILABLE = "AI unavailable – read as usual"
 
@@ -50,13 +50,17 @@ class InstanceOutcome:
     """
 
     sop_instance_uid: str
-    outcome: str  # "scored" | "ineligible" | "failed"
+    outcome: StudyState  # SCORED | INELIGIBLE | FAILED
     reason: str | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
     thresholds: Mapping[str, float] | None = None
     # The operating point ("adult" | "paediatric") it was judged at; picks which findings steer
     # when ``decide`` is given steering per population.  None: adult.
     population: str | None = None
+
+    def __post_init__(self) -> None:
+        # Rows read back from the database and tests give plain strings: one type from here on.
+        object.__setattr__(self, "outcome", StudyState(self.outcome))
 
     def judged_at(self, default: Mapping[str, float]) -> Mapping[str, float]:
         """The thresholds this instance is judged at: its own, else the study-wide default."""
@@ -72,7 +76,7 @@ class Decision:
     recorded in silent mode too, and are None when nothing was scored (failed, ineligible).
     """
 
-    state: str  # "scored" | "ineligible" | "failed"
+    state: StudyState  # SCORED | INELIGIBLE | FAILED
     reason: str | None  # state reason (why ineligible / failed)
     priority: int  # what the worklist sorts on
     ai_priority: int  # what the model alone says (== priority unless silent)
@@ -123,9 +127,9 @@ def _evidence_holds(entry: Mapping[str, Any] | None, cfg: TriageConfig, no_evide
     if no_evidence_recorded:
         return True
     entry = entry or {}
-    ci = entry.get("auc_ci95")
+    ci: Sequence[float] = entry.get("auc_ci95") or ()
     enough = min(int(entry.get("n_pos") or 0), int(entry.get("n_neg") or 0)) >= cfg.min_steering_evidence_images
-    return bool(ci) and enough and float(ci[0]) >= cfg.min_steering_within_auc
+    return len(ci) > 0 and enough and float(ci[0]) >= cfg.min_steering_within_auc
 
 
 def steering_explanation(
@@ -222,7 +226,7 @@ def flagged_findings(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[st
     flagged = {
         f
         for o in outcomes
-        if o.outcome == "scored"
+        if o.outcome is StudyState.SCORED
         for f, on in flags_for(o.scores, o.judged_at(thresholds)).items()
         if on
     }
@@ -253,11 +257,11 @@ def decide(
     otherwise failed if any instance failed, else ineligible.  Both of the latter are
     ROUTINE and AI_UNAVAILABLE, never dropped.
     """
-    scored = [o for o in outcomes if o.outcome == "scored"]
+    scored = [o for o in outcomes if o.outcome is StudyState.SCORED]
     if not scored:
-        failed = [o for o in outcomes if o.outcome == "failed"]
-        pick = failed or [o for o in outcomes if o.outcome == "ineligible"]
-        state = "failed" if failed else "ineligible"
+        failed = [o for o in outcomes if o.outcome is StudyState.FAILED]
+        pick = failed or [o for o in outcomes if o.outcome is StudyState.INELIGIBLE]
+        state = StudyState.FAILED if failed else StudyState.INELIGIBLE
         reason = "; ".join(dict.fromkeys(o.reason or state for o in pick)) or "no instance to score"
         return Decision(state, reason, Level.ROUTINE, Level.ROUTINE, f"{AI_UNAVAILABLE} ({reason})", AI_UNAVAILABLE)
 
@@ -283,7 +287,7 @@ def decide(
     # Silent mode stores ROUTINE as the priority but still records the model's opinion.
     priority, reason = (Level.ROUTINE, f"silent mode, model says {words}") if cfg.silent_mode else (level, words)
     return Decision(
-        "scored", None, priority, level, reason, None,
+        StudyState.SCORED, None, priority, level, reason, None,
         top_finding=top_name, top_score=top_score, flagged_findings=flagged,
     )  # fmt: skip
 

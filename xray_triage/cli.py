@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from worker.config import ConfigError, Settings, effective_config, load_settings
+from settings import ConfigError, Settings, effective_config, load_settings
 
 log = logging.getLogger("xray_triage")
 
@@ -49,7 +49,7 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.status import collect_status
+    from xray_triage.status import collect_status
 
     report = collect_status(settings)
     if args.json:
@@ -65,21 +65,21 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
-    from dicom_io.listener import serve
+    from xray_triage.services import serve_intake
 
-    serve(settings)
+    serve_intake(settings)
     return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.runner import run_worker
+    from xray_triage.runner import run_worker
 
     queues = args.queues.split(",") if args.queues else [settings.queues.urgent, settings.queues.routine]
     return run_worker(settings, queues=queues, concurrency=args.concurrency)
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.runner import run_all
+    from xray_triage.runner import run_all
 
     return run_all(settings, config_path=args.config, concurrency=args.concurrency)
 
@@ -225,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "studies per state and queue depth")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    from training.commands import register_commands  # train / evaluate / predict (issue 4); imports no Keras
+    from training.commands import register_commands  # train / evaluate; imports no Keras
+    from xray_triage.predict import register as register_predict
 
+    register_predict(add)
     register_commands(add)
     return parser
 

@@ -22,7 +22,7 @@ CONFIG_ENV = "XRAY_TRIAGE_CONFIG"
 ENV_PREFIX = "XRAY_TRIAGE_"
 DEFAULT_VAR_DIR = Path(os.environ.get("XRAY_TRIAGE_VAR", "var"))
 
-# Storage SOP classes the listener can accept (issue 2).  Keys are the short names IT staff
+# Storage SOP classes the listener can accept.  Keys are the short names IT staff
 # write in the configuration; values are the SOP Class UIDs.
 STORAGE_SOP_CLASSES: dict[str, str] = {
     "CR": "1.2.840.10008.5.1.4.1.1.1",  # Computed Radiography Image Storage
@@ -238,7 +238,7 @@ class PixelsConfig(_Section):
     """Limits checked against the declared image size BEFORE any pixel buffer is allocated.
 
     A hostile or broken instance declaring 65535x65535 must be refused with a typed error,
-    not take the worker down with a multi-gigabyte allocation (issue 3).
+    not take the worker down with a multi-gigabyte allocation.
     """
 
     max_rows: Annotated[int, Field(ge=1, le=65535)] = 8192
@@ -249,7 +249,7 @@ class PixelsConfig(_Section):
 
 
 class EligibilityConfig(_Section):
-    """Which instances are frontal chest radiographs the models may score (issue 3).
+    """Which instances are frontal chest radiographs the models may score.
 
     Matching is case-insensitive on the DICOM Code String values; hints are whole words
     searched in the free-text attributes named in ``hint_attributes``.

@@ -13,7 +13,7 @@ from pathlib import Path
 from celery import Celery
 from kombu import Exchange, Queue
 
-from worker.config import Settings
+from settings import Settings
 
 PROCESS_STUDY_TASK = "xray_triage.process_study"
 

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from worker.config import Settings
+from settings import Settings
 
 log = logging.getLogger("xray_triage.runner")
 
@@ -49,7 +49,7 @@ def worker_argv(settings: Settings, queues: Sequence[str], concurrency: int) -> 
 
 def run_worker(settings: Settings, queues: Sequence[str], concurrency: int = 1) -> int:
     """Run a Celery worker in this process until it is stopped (blocking)."""
-    from worker.celery_app import make_celery
+    from broker import make_celery
     from worker.tasks import register_tasks
 
     app = make_celery(settings)
@@ -59,7 +59,7 @@ def run_worker(settings: Settings, queues: Sequence[str], concurrency: int = 1) 
 
 
 def _child_command(config_path: str | None, *args: str) -> list[str]:
-    cmd = [sys.executable, "-m", "worker.cli"]
+    cmd = [sys.executable, "-m", "xray_triage.cli"]
     if config_path:
         cmd += ["--config", config_path]
     return [*cmd, *args]

@@ -1,0 +1,259 @@
+"""The one scoring service: image in, judgement out, the same for the worker, `predict` and the analyse page.
+
+For every image: read it (DICOM file or bytes, PNG, JPEG), check eligibility with the site's
+rules, decide its operating point from the header's age, turn its pixels into the model's
+tensor through the one pixel path, score, and flag at the thresholds in force there (the
+card's point with the site's overrides) with the findings allowed to steer there.  Before
+this existed the chain was written three times and the copies disagreed (``predict`` ignored
+a site's eligibility rules and thresholds).
+
+No database, no files written: callers store or show what comes back.  Images that cannot be
+read or decoded come back as ``failed`` with the reason; they never stop the others.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from db.models import StudyState
+from dicom_io.eligibility import check_eligibility
+from dicom_io.errors import PixelError
+from dicom_io.pixels import PixelResult, load_image, to_model_tensor
+from models.operating_points import ADULT, decide_population
+from models.registry import TriageModel
+from settings import Settings
+from triage.operating import at_point, operating_points, steering_points
+from triage.policy import Decision, InstanceOutcome, Level, decide, flags_for
+
+Source = Path | str | bytes | Dataset
+
+SCORED, INELIGIBLE, FAILED = StudyState.SCORED, StudyState.INELIGIBLE, StudyState.FAILED
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image to judge: ``key`` names it in the result (a path, a SOP Instance UID, an upload)."""
+
+    key: str
+    source: Source
+
+
+@dataclass
+class Judgement:
+    """What the service says of one image.
+
+    ``scores`` are present whenever the pixels could be decoded and scoring was asked for
+    (an ineligible image may be scored for information, but is never flagged); ``flags`` are
+    score >= threshold at ``population``'s operating point; ``steering`` are the findings that
+    may raise a study's priority there.  ``image`` is the decoded image (for display) when
+    asked for; ``heatmaps`` is (n_findings, H, W) aligned with the model tensor when asked for.
+    """
+
+    key: str
+    outcome: StudyState
+    eligible: bool
+    reason: str | None
+    kind: str
+    notes: list[str] = field(default_factory=list)
+    population: str = ADULT
+    thresholds: dict[str, float] = field(default_factory=dict)
+    steering: frozenset[str] = frozenset()
+    scores: dict[str, float] | None = None
+    flags: dict[str, bool] = field(default_factory=dict)
+    heatmaps: np.ndarray | None = None
+    image: PixelResult | None = None
+    # Where a failed image failed: "read" (not a DICOM, PNG or JPEG file) or "pixels" (undecodable).
+    failed_at: str | None = None
+
+    def as_outcome(self) -> InstanceOutcome:
+        """The policy's view of this image: what ``triage.policy.decide`` judges a study by."""
+        if self.outcome == SCORED and self.scores is not None:
+            return InstanceOutcome(self.key, SCORED, None, self.scores, self.thresholds, self.population)
+        return InstanceOutcome(self.key, self.outcome, self.reason)
+
+    @property
+    def informational(self) -> list[str]:
+        """Findings scored here that do not steer priority at this operating point."""
+        return sorted(f for f in (self.scores or {}) if f not in self.steering)
+
+
+@dataclass
+class _Read:
+    kind: str
+    header: Dataset | None
+    pixels: Any
+
+
+def sniff(head: bytes) -> str:
+    """ "png", "jpeg", "dicom" (preamble and DICM), or "dicom?" (perhaps DICOM without a preamble)."""
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if head.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    return "dicom?"
+
+
+class _Unreadable(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_READ_ERRORS = (InvalidDicomError, AttributeError, EOFError, ValueError, OSError, KeyError)
+
+
+def _read(source: Source) -> _Read:
+    """Header (DICOM only) and what to hand the pixel path; ``_Unreadable`` on a file that is no image.
+
+    The reason says what the bytes looked like: a file with the DICOM preamble that cannot be
+    parsed is an unreadable DICOM; anything else is not an image we read at all.
+    """
+    kind = "unknown"
+    try:
+        return _read_as(source)
+    except _READ_ERRORS as exc:
+        if isinstance(source, Dataset | bytes):
+            kind = sniff(bytes(source[:132])) if isinstance(source, bytes) else "dicom"
+        else:
+            try:
+                with Path(source).open("rb") as fh:
+                    kind = sniff(fh.read(132))
+            except OSError:
+                kind = "missing"
+        name = type(exc).__name__
+        if kind == "dicom":
+            raise _Unreadable(f"unreadable DICOM: {name}") from None
+        if kind == "missing":
+            raise _Unreadable(f"file cannot be opened: {name}") from None
+        raise _Unreadable(f"not a DICOM, PNG or JPEG image ({name})") from None
+
+
+def _read_as(source: Source) -> _Read:
+    if isinstance(source, Dataset):
+        return _Read("dicom", source, source)
+    if isinstance(source, bytes):
+        kind = sniff(source[:132])
+        if kind in ("png", "jpeg"):
+            return _Read(kind, None, source)
+        ds = pydicom.dcmread(io.BytesIO(source), force=kind == "dicom?")
+        _ = ds.PixelData  # a DICOM object without pixels is not an image
+        return _Read("dicom", ds, ds)
+    path = Path(source)
+    with path.open("rb") as fh:
+        kind = sniff(fh.read(132))
+    if kind in ("png", "jpeg"):
+        return _Read(kind, None, path)
+    ds = pydicom.dcmread(str(path), force=kind == "dicom?")
+    return _Read("dicom", ds, ds)
+
+
+class Scorer:
+    """A model judged at a site: thresholds and steering per population, computed once."""
+
+    def __init__(self, model: TriageModel, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        self.points = operating_points(model, settings)
+        self.steering = steering_points(model, settings)
+        self.forward_s = 0.0  # time spent in the model, summed over calls (the worker reports it)
+
+    def judge(
+        self,
+        inputs: Sequence[ImageInput],
+        *,
+        score_ineligible: bool = True,
+        heatmaps: bool = False,
+        keep_image: bool = False,
+        batch_size: int = 16,
+    ) -> list[Judgement]:
+        """One judgement per input, in order.
+
+        ``score_ineligible=False`` (the worker) leaves an ineligible image unscored;
+        ``heatmaps`` computes every finding's map in the same forward pass as the scores.
+        """
+        out: list[Judgement] = []
+        ready: list[tuple[Judgement, np.ndarray]] = []
+        for item in inputs:
+            judgement, tensor = self.prepare(item, score_ineligible, keep_image)
+            out.append(judgement)
+            if tensor is not None:
+                ready.append((judgement, tensor))
+        findings = list(self.model.card.findings)
+        for start in range(0, len(ready), max(1, batch_size)):
+            chunk = ready[start : start + batch_size]
+            x = np.stack([t for _, t in chunk])
+            t0 = time.perf_counter()
+            if heatmaps:
+                maps, probs = self.model.heatmaps(x, findings)
+            else:
+                maps, probs = None, self.model.predict_tensors(x, batch_size)
+            self.forward_s += time.perf_counter() - t0
+            for i, (j, _) in enumerate(chunk):
+                j.scores = {f: float(probs[i][k]) for k, f in enumerate(findings)}
+                j.flags = flags_for(j.scores, j.thresholds) if j.eligible else dict.fromkeys(j.scores, False)
+                j.heatmaps = None if maps is None else maps[i]
+        return out
+
+    def priority_of(self, judgement: Judgement) -> tuple[str, str]:
+        """(level name, reason) the worker would give a study of this one image."""
+        d = self.decide([judgement.as_outcome()])
+        return Level(d.priority).name.lower(), d.priority_reason
+
+    def decide(self, outcomes: Sequence[InstanceOutcome]) -> Decision:
+        """A study's state and priority from its images' outcomes, at this site.
+
+        Each outcome is judged at the thresholds it carries (its operating point's), with the
+        steering findings of that point; an outcome without thresholds at the adult point.
+        For one image this is the priority the worker would give a study of that image alone.
+        """
+        return decide(outcomes, self.points[ADULT], self.settings.triage, self.steering[ADULT], self.steering)
+
+    def prepare(
+        self, item: ImageInput, score_ineligible: bool = True, keep_image: bool = False
+    ) -> tuple[Judgement, np.ndarray | None]:
+        """The judgement before the model (eligibility, operating point, thresholds), and the
+        tensor to score (None when there is nothing to score)."""
+        try:
+            read = _read(item.source)
+        except _Unreadable as exc:
+            return Judgement(item.key, FAILED, False, exc.reason, "unknown", failed_at="read"), None
+        elig = check_eligibility(read.header, self.settings.eligibility)
+        point = decide_population(read.header)
+        j = Judgement(
+            key=item.key,
+            outcome=SCORED if elig.eligible else INELIGIBLE,
+            eligible=bool(elig.eligible),
+            reason=elig.reason,
+            kind=read.kind,
+            notes=[*elig.flags, point.note],
+            population=point.population,
+            thresholds=at_point(self.points, point.population),
+            steering=self.steering.get(point.population, self.steering[ADULT]),
+        )
+        if not elig.eligible and not score_ineligible:
+            return j, None
+        try:
+            image = load_image(read.pixels, self.settings.pixels)
+            tensor = to_model_tensor(image, size=self.model.input_size)
+        except PixelError as exc:
+            return replace(
+                j, outcome=FAILED, eligible=False, reason=f"{type(exc).__name__}: {exc}", failed_at="pixels"
+            ), None
+        except Exception as exc:  # noqa: BLE001 - a decoder bug on one file is that file's problem
+            reason = f"pixel data not decodable: {type(exc).__name__}"
+            return replace(j, outcome=FAILED, eligible=False, reason=reason, failed_at="pixels"), None
+        if keep_image:
+            j.image = image
+        return j, tensor
