@@ -172,7 +172,7 @@ class StorageSCP:
         caller = self._caller(event)
         if is_allowed(caller, self.settings):
             _prefer_requestor_order(event.assoc)
-            tune_socket(event.assoc)
+            tune_socket(event.assoc, self.settings.listener.max_pdu)
             return
         log.warning("association rejected: calling AE %r from %s is not allowed", caller.ae_title, caller.host)
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNIZED)

@@ -230,31 +230,84 @@ def staged_file(request: Any) -> StagingFile | None:
     return candidate if isinstance(candidate, StagingFile) else None
 
 
-def _recv_exactly(sock: Any, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv without its 4096-byte reads: one recv_into per arrival, no re-copying.
+P_DATA_TF = 0x04
+# A-ASSOCIATE, A-RELEASE and A-ABORT PDUs are a few bytes to some tens of KiB (128 presentation
+# contexts with full UIDs); nothing real comes near this.
+CONTROL_PDU_LIMIT = 1 << 20
+# With listener.max_pdu 0 (no limit, as PS3.8 allows) a P-DATA-TF is still bounded by this.
+UNLIMITED_PDU_LIMIT = 64 << 20
+# A PDU larger than this is read into memory as its bytes arrive, not allocated up front.
+RECV_CHUNK = 1 << 20
 
-    pynetdicom reads PDUs 4 KiB at a time and appends each piece to a growing bytearray;
-    a 10 MB image costs some 2,500 Python-level reads.  Reading straight into a buffer of
-    the PDU's size keeps the network thread's CPU for the network.  Semantics are the
-    original's: block until `nr_bytes` arrived, return what there is if the peer closed.
+
+class PduTooLong(OSError):
+    """The peer declared a PDU longer than this listener accepts: a protocol violation.
+
+    An OSError because that is what pynetdicom's reader treats as a closed transport: the
+    association ends at once, without reading (or allocating) the declared length.
     """
-    raw = sock.socket
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    while got < nr_bytes:
-        n = raw.recv_into(view[got:], nr_bytes - got)
-        if n == 0:
-            del view
-            return buf[:got]
-        got += n
-    del view
-    return buf
 
 
-def tune_socket(assoc: Any) -> None:
-    """Give one association's socket the faster read (instance attribute: nothing global changes)."""
+def pdu_limit(pdu_type: int, max_pdu: int) -> int:
+    """The longest PDU body accepted: ``listener.max_pdu`` (what we told the peer in the
+    A-ASSOCIATE-AC) for P-DATA-TF, a fixed bound for the others."""
+    if pdu_type == P_DATA_TF:
+        return max_pdu if max_pdu > 0 else UNLIMITED_PDU_LIMIT
+    return CONTROL_PDU_LIMIT
+
+
+def _recv_exactly(sock: Any, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv, bounded: the PDU's declared length is checked before any read.
+
+    pynetdicom reads a PDU as a 6-byte header (type, length), then ``recv(length)``; its own
+    reader allocates nothing up front but reads 4 KiB at a time (some 2,500 Python-level reads
+    for a 10 MB image), and a header declaring 4 GiB followed by 16 bytes made the earlier
+    fast reader allocate 4 GiB at once.  Here the header is remembered, a body longer than
+    ``pdu_limit`` ends the association, and a body is read straight into its buffer (large ones
+    chunk by chunk, as the bytes arrive).  Otherwise the original's semantics: block until
+    ``nr_bytes`` arrived, return what there is if the peer closed.
+    """
+    pending = getattr(sock, "_xt_pending", None)
+    sock._xt_pending = None
+    if pending is not None and pending[1] == nr_bytes:
+        limit = pdu_limit(pending[0], getattr(sock, "_xt_max_pdu", 0))
+        if nr_bytes > limit:
+            raise PduTooLong(f"PDU type 0x{pending[0]:02X} declares {nr_bytes} bytes; at most {limit} accepted")
+        return _read(sock.socket, nr_bytes)
+    data = _read(sock.socket, nr_bytes)
+    if nr_bytes == 6 and len(data) == 6:
+        sock._xt_pending = (data[0], int.from_bytes(data[2:6], "big"))
+    return data
+
+
+def _read(raw: Any, nr_bytes: int) -> bytearray:
+    if nr_bytes <= RECV_CHUNK:
+        buf = bytearray(nr_bytes)
+        with memoryview(buf) as view:
+            got = 0
+            while got < nr_bytes:
+                n = raw.recv_into(view[got:], nr_bytes - got)
+                if n == 0:
+                    break
+                got += n
+        return buf if got == nr_bytes else buf[:got]
+    out = bytearray()
+    scratch = bytearray(RECV_CHUNK)
+    with memoryview(scratch) as view:
+        while len(out) < nr_bytes:
+            n = raw.recv_into(view, min(RECV_CHUNK, nr_bytes - len(out)))
+            if n == 0:
+                break
+            out += view[:n]
+    return out
+
+
+def tune_socket(assoc: Any, max_pdu: int) -> None:
+    """Give one association's socket the bounded, faster read (instance attribute: nothing global
+    changes).  Called when the A-ASSOCIATE-RQ has been read: every later PDU goes through it."""
     sock = getattr(getattr(assoc, "dul", None), "socket", None)
     if sock is not None and getattr(sock, "socket", None) is not None and not getattr(sock, "_xt_tuned", False):
+        sock._xt_max_pdu = max_pdu
+        sock._xt_pending = None
         sock.recv = types.MethodType(_recv_exactly, sock)
         sock._xt_tuned = True
