@@ -37,6 +37,7 @@ from dicom_io.ingest import (
     read_received_file,
     record_with_retry,
 )
+from dicom_io.reconcile import reconcile
 from dicom_io.spool import InsufficientSpaceError, Spool, SpooledFile
 from dicom_io.staging import (
     IMPLEMENTATION_CLASS_UID,
@@ -349,6 +350,7 @@ def start(settings: Settings) -> ListenerHandle:
         settings.database.url, hide_parameters=True, pool_size=settings.listener.max_associations + 2, max_overflow=4
     )
     factory = make_sessionmaker(engine)
+    reconcile(spool.root, factory)  # before any association: spool and database agree again
     scp = StorageSCP(settings, spool, factory)
     ae = build_ae(settings)
     install(ae, spool.staging)
