@@ -75,6 +75,24 @@ IDENTIFIER_CONFLICT = 0xC213
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
 _DIAG_CALLING_AE_NOT_RECOGNIZED = 0x03
+_REJECT_TRANSIENT = 0x02
+_SOURCE_PROVIDER_PRESENTATION = 0x03
+_DIAG_LOCAL_LIMIT_EXCEEDED = 0x02
+# pynetdicom counts an association until its thread ends, and a connection that closes before
+# a valid A-ASSOCIATE-RQ leaves its thread waiting out the ACSE timeout (30 s): a dozen garbage
+# connections locked real senders out.  pynetdicom's own limit is therefore only a cap on
+# threads; listener.max_associations is enforced on connections that are still open.
+THREAD_CAP_FACTOR = 4
+THREAD_CAP_EXTRA = 16
+
+
+def open_associations(ae: AE) -> int:
+    """Acceptor associations whose DICOM upper layer still runs (the ones that hold a slot).
+
+    The DUL thread ends when the transport closes or aborts; the association thread may wait
+    on for its ACSE timeout, but it no longer serves anyone.
+    """
+    return sum(1 for a in ae.active_associations if a.is_acceptor and a.dul.is_alive())
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -171,6 +189,12 @@ class StorageSCP:
     def handle_requested(self, event: evt.Event) -> None:
         """EVT_REQUESTED: reject callers not in listener.allowed_callers before negotiation."""
         caller = self._caller(event)
+        limit = self.settings.listener.max_associations
+        if open_associations(event.assoc.ae) > limit:
+            log.warning("association from %s@%s rejected: %d open associations", caller.ae_title, caller.host, limit)
+            event.assoc.acse.send_reject(_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _DIAG_LOCAL_LIMIT_EXCEEDED)
+            event.assoc.kill()
+            return
         if is_allowed(caller, self.settings):
             _prefer_requestor_order(event.assoc)
             tune_socket(event.assoc, self.settings.listener.max_pdu)
@@ -294,7 +318,7 @@ def build_ae(settings: Settings) -> AE:
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.maximum_pdu_size = cfg.max_pdu
-    ae.maximum_associations = cfg.max_associations
+    ae.maximum_associations = cfg.max_associations * THREAD_CAP_FACTOR + THREAD_CAP_EXTRA
     ae.acse_timeout = cfg.acse_timeout_s
     ae.dimse_timeout = cfg.dimse_timeout_s
     ae.network_timeout = cfg.network_timeout_s

@@ -1,4 +1,4 @@
-"""Hostile PDUs against the real listener: a declared length is never trusted with memory.
+"""Hostile peers against the real listener: declared lengths and junk connections.
 
 A P-DATA-TF header declaring 0xFFFFFFFF bytes followed by 16 bytes once made the listener
 allocate 4 GiB at once.  Now a PDU longer than ``listener.max_pdu`` (what the listener told
@@ -9,12 +9,14 @@ peak RSS (the listener runs in the test process), reset through ``/proc/self/cle
 
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
 
 import pytest
 from pynetdicom import AE
 
+from dicom_io.listener import open_associations
 from tests.plugins.ingest import AE_TITLE, echoscu, real_files, storescu, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -78,3 +80,38 @@ def test_pdus_up_to_max_pdu_and_many_of_them_still_store(sqlite_backend, tmp_pat
     assert big.stat().st_size > 262144 * 2  # spans several full PDUs
     result = storescu(handle.port, [big])  # DCMTK sends PDUs up to the max_pdu we negotiate
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _garbage_connection(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"\0" * 50)
+
+
+def test_garbage_connections_do_not_hold_the_slots_real_senders_need(
+    sqlite_backend, tmp_path, start_listener, log_text
+):
+    """Connections that send junk and close used to count as active for the 30 s ACSE timeout."""
+    settings = sqlite_backend.settings(tmp_path, listener={"max_associations": 2})
+    handle = start_listener(settings, with_handoff=False)
+    for _ in range(12):
+        _garbage_connection(handle.port)
+    wait_for(lambda: open_associations(handle.listener.ae) == 0, timeout=10, what="the junk connections' upper layers to end")
+    echo = echoscu(handle.port)
+    assert echo.returncode == 0, echo.stderr[-2000:]
+    result = storescu(handle.port, [real_files()[0]])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rejected" not in log_text()
+
+
+def test_max_associations_still_limits_open_associations(sqlite_backend, tmp_path, start_listener, log_text):
+    settings = sqlite_backend.settings(tmp_path, listener={"max_associations": 2})
+    handle = start_listener(settings, with_handoff=False)
+    held = [_associated(handle.port) for _ in range(2)]
+    refused = echoscu(handle.port)
+    assert refused.returncode != 0 and "Association Rejected" in refused.stderr
+    assert "Local Limit Exceeded" in refused.stderr or "local-limit-exceeded" in refused.stderr.lower()
+    assert "rejected: 2 open associations" in log_text()
+    for assoc in held:
+        assoc.release()
+    wait_for(lambda: open_associations(handle.listener.ae) == 0, timeout=10, what="the released associations to end")
+    assert echoscu(handle.port).returncode == 0
