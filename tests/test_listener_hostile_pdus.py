@@ -95,7 +95,7 @@ def test_garbage_connections_do_not_hold_the_slots_real_senders_need(
     handle = start_listener(settings, with_handoff=False)
     for _ in range(12):
         _garbage_connection(handle.port)
-    wait_for(lambda: open_associations(handle.listener.ae) == 0, timeout=10, what="the junk connections' upper layers to end")
+    wait_for(lambda: open_associations(handle.listener.ae) == 0, timeout=10, what="junk connections to end")
     echo = echoscu(handle.port)
     assert echo.returncode == 0, echo.stderr[-2000:]
     result = storescu(handle.port, [real_files()[0]])
