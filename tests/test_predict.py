@@ -53,11 +53,19 @@ def test_predict_reports_unreadable_files_per_line(tiny_model_dir, tmp_path, cap
     bad = tmp_path / "not_an_image.dcm"
     bad.write_bytes(b"this is not DICOM")
     good = shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")
-    rc, out = _predict(tiny_model_dir, [bad, good], capsys)
+    broken = tmp_path / "broken.dcm"  # the DICOM preamble, then a meta element whose length overruns the file
+    broken.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff")
+    missing = tmp_path / "gone.dcm"
+    rc, out = _predict(tiny_model_dir, [bad, good, broken, missing], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
     assert rc == 0
-    assert rows[0]["scores"] is None and rows[0]["eligible"] is False and rows[0]["reason"]
+    assert rows[0]["scores"] is None and rows[0]["eligible"] is False
+    assert rows[0]["reason"]  # read leniently as a header-less DICOM: the pixel path names what is missing
     assert rows[1]["scores"] is not None
+    # pydicom reads a broken file leniently; the pixel path then names what is missing.
+    assert rows[2]["scores"] is None and "Pixel Data" in rows[2]["reason"]
+    assert rows[3]["scores"] is None and rows[3]["reason"] == "file cannot be opened: FileNotFoundError"
+    assert rows[1]["priority"] and rows[2]["priority"] == rows[3]["priority"] == "routine"
 
 
 def test_predict_human_format_carries_disclaimer(tiny_model_dir, capsys):

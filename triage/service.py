@@ -114,48 +114,43 @@ class _Unreadable(Exception):
 _READ_ERRORS = (InvalidDicomError, AttributeError, EOFError, ValueError, OSError, KeyError)
 
 
+def _kind_of(source: Source) -> str:
+    """What the first bytes say the source is (``sniff``); a Dataset is DICOM."""
+    if isinstance(source, Dataset):
+        return "dicom"
+    if isinstance(source, bytes):
+        return sniff(source[:132])
+    with Path(source).open("rb") as fh:
+        return sniff(fh.read(132))
+
+
 def _read(source: Source) -> _Read:
     """Header (DICOM only) and what to hand the pixel path; ``_Unreadable`` on a file that is no image.
 
     The reason says what the bytes looked like: a file with the DICOM preamble that cannot be
     parsed is an unreadable DICOM; anything else is not an image we read at all.
     """
-    kind = "unknown"
     try:
-        return _read_as(source)
+        kind = _kind_of(source)
+    except OSError as exc:
+        raise _Unreadable(f"file cannot be opened: {type(exc).__name__}") from None
+    try:
+        return _parse(source, kind)
     except _READ_ERRORS as exc:
-        if isinstance(source, Dataset | bytes):
-            kind = sniff(bytes(source[:132])) if isinstance(source, bytes) else "dicom"
-        else:
-            try:
-                with Path(source).open("rb") as fh:
-                    kind = sniff(fh.read(132))
-            except OSError:
-                kind = "missing"
-        name = type(exc).__name__
-        if kind == "dicom":
-            raise _Unreadable(f"unreadable DICOM: {name}") from None
-        if kind == "missing":
-            raise _Unreadable(f"file cannot be opened: {name}") from None
-        raise _Unreadable(f"not a DICOM, PNG or JPEG image ({name})") from None
+        what = "unreadable DICOM: {}" if kind == "dicom" else "not a DICOM, PNG or JPEG image ({})"
+        raise _Unreadable(what.format(type(exc).__name__)) from None
 
 
-def _read_as(source: Source) -> _Read:
+def _parse(source: Source, kind: str) -> _Read:
     if isinstance(source, Dataset):
         return _Read("dicom", source, source)
+    if kind in ("png", "jpeg"):
+        return _Read(kind, None, source if isinstance(source, bytes) else Path(source))
     if isinstance(source, bytes):
-        kind = sniff(source[:132])
-        if kind in ("png", "jpeg"):
-            return _Read(kind, None, source)
         ds = pydicom.dcmread(io.BytesIO(source), force=kind == "dicom?")
         _ = ds.PixelData  # a DICOM object without pixels is not an image
         return _Read("dicom", ds, ds)
-    path = Path(source)
-    with path.open("rb") as fh:
-        kind = sniff(fh.read(132))
-    if kind in ("png", "jpeg"):
-        return _Read(kind, None, path)
-    ds = pydicom.dcmread(str(path), force=kind == "dicom?")
+    ds = pydicom.dcmread(str(source), force=kind == "dicom?")
     return _Read("dicom", ds, ds)
 
 
