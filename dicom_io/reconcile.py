@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Instance
@@ -74,7 +75,14 @@ def _move_aside(root: Path, relative: str, quarantine: Path) -> None:
 def reconcile(root: Path, factory: sessionmaker[Session], now: datetime | None = None) -> Reconciliation:
     """Quarantine files no row points to; report rows whose file is gone.  Logs both."""
     root = Path(root)
-    orphans, missing = compare(spooled_paths(root), recorded_paths(factory))
+    try:
+        recorded = recorded_paths(factory)
+    except SQLAlchemyError as exc:
+        # The listener runs while the database is away (pushes get 0xC001); nothing is moved
+        # without knowing what is recorded.  The next start reconciles.
+        log.warning("spool reconciliation skipped: database unavailable (%s)", type(exc).__name__)
+        return Reconciliation()
+    orphans, missing = compare(spooled_paths(root), recorded)
     result = Reconciliation(missing=missing)
     if orphans:
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")

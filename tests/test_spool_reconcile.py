@@ -61,3 +61,19 @@ def test_restart_quarantines_unrecorded_files_and_reports_missing_ones(
     second.stop()
     start_listener(settings, with_handoff=False)
     assert len(list((spool / QUARANTINE_DIRNAME).rglob("*.dcm"))) == 1
+
+
+def test_database_away_at_start_moves_nothing(tmp_path, log_text) -> None:
+    """The listener starts while the database is away; reconciliation waits for a start that can see it."""
+    from dicom_io.reconcile import reconcile
+
+    orphan = tmp_path / "spool" / "1.2" / "1.3" / "1.4.0123456789abcdef.dcm"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"DICM")
+    engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")  # nothing listens on port 1
+    try:
+        result = reconcile(tmp_path / "spool", make_sessionmaker(engine))
+    finally:
+        engine.dispose()
+    assert result.quarantined == [] and orphan.is_file()
+    assert "spool reconciliation skipped: database unavailable (OperationalError)" in log_text()
