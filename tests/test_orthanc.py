@@ -115,7 +115,16 @@ def test_orthanc_pushes_a_study_which_arrives_intact_and_is_queued(
     queued = wait_for(backend.queued, what="the pushed study to be queued")
     assert [(q.study_uid, q.generation) for q in queued] == [(study_uid, 1)]
     engine = make_engine(settings.database.url)
-    with make_sessionmaker(engine)() as s:
+    factory = make_sessionmaker(engine)
+
+    def committed_state() -> StudyState:
+        with factory() as s:
+            return StudyState(s.scalars(select(Study.state)).one())
+
+    # The hand-off publishes inside its claiming transaction and commits once the broker took
+    # the message, so the message can be visible a moment before the state is.
+    wait_for(lambda: committed_state() is StudyState.QUEUED, what="the claim to commit")
+    with factory() as s:
         study = s.scalars(select(Study)).one()
         instances = list(s.scalars(select(Instance)))
     engine.dispose()
