@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -36,10 +35,12 @@ from dicom_io.errors import (
     UnsupportedPhotometric,
     UnsupportedTransferSyntax,
 )
+from dicom_io.inflate import InflateError, dcmread_bounded
 from settings import PixelsConfig
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Dataset
 
+DEFAULT_MAX_PIXEL_BYTES = PixelsConfig().max_pixel_bytes
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 
@@ -93,24 +94,30 @@ def decode(source: Source, limits: PixelsConfig | None = None) -> Decoded:
             raise NotAnImage(f"cannot read {path}: {exc.strerror or exc}") from None
         if not head.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
             # pydicom reads the file itself: one copy of Pixel Data instead of two.
-            return decode_dataset(read_dataset(path), limits)
+            return decode_dataset(read_dataset(path, limits.max_pixel_bytes), limits)
     data = _as_bytes(source)
     if data.startswith(PNG_SIGNATURE):
         return _decode_pillow(data, "png", limits)
     if data.startswith(JPEG_SIGNATURE):
         return _decode_pillow(data, "jpeg", limits)
-    return decode_dataset(read_dataset(data), limits)
+    return decode_dataset(read_dataset(data, limits.max_pixel_bytes), limits)
 
 
-def read_dataset(data: bytes | Path) -> Dataset:
-    """Parse DICOM with or without the 128-byte preamble and file meta (force=True)."""
+def read_dataset(data: bytes | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> Dataset:
+    """Parse DICOM with or without the 128-byte preamble and file meta (force=True).
+
+    A deflated dataset is inflated under a budget from its declared pixel size (dicom_io.inflate),
+    never in one go: a small upload must not become gigabytes in memory.
+    """
     size = data.stat().st_size if isinstance(data, Path) else len(data)
     if size < 8:
         raise NotAnImage(f"{size} bytes: too short to be DICOM, PNG or JPEG")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(data if isinstance(data, Path) else io.BytesIO(data), force=True)
+            ds = dcmread_bounded(data, force=True, max_pixel_bytes=max_pixel_bytes)
+    except InflateError as exc:
+        raise CorruptPixelData(f"deflated dataset: {exc}") from None
     except (InvalidDicomError, EOFError) as exc:
         raise NotAnImage(f"not DICOM, PNG or JPEG: {exc}") from None
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same here

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import enum
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -27,13 +30,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.models import Instance, Series, StateTransition, Study, StudyState, utcnow
 from db.session import session_scope
 from db.transitions import move_state
+from dicom_io.inflate import InflateError, inflate
 from dicom_io.spool import SpooledFile
 from dicom_io.structure import IncompleteDatasetError, check_complete
-from dicom_io.uids import InvalidUIDError, require_uid
+from dicom_io.uids import InvalidUIDError, require_uid, uid_as_sent
+from settings import PixelsConfig
 
 log = logging.getLogger("xray_triage.ingest")
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFAULT_MAX_PIXEL_BYTES = PixelsConfig().max_pixel_bytes
+PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 URGENT_PRIORITIES = frozenset({"STAT", "HIGH"})
 
 
@@ -112,14 +119,22 @@ def _requested_priority(ds: Dataset) -> str | None:
 
 def header_from_dataset(ds: Dataset) -> InstanceHeader:
     """The identifying and descriptive attributes of `ds`; raises MalformedDatasetError/InvalidUIDError."""
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        if ds.get(keyword) in (None, ""):
+    uids = {}
+    for keyword, what in (
+        ("StudyInstanceUID", "Study Instance UID"),
+        ("SeriesInstanceUID", "Series Instance UID"),
+        ("SOPInstanceUID", "SOP Instance UID"),
+        ("SOPClassUID", "SOP Class UID"),
+    ):
+        sent = uid_as_sent(ds.get_item(keyword))
+        if not sent:
             raise MalformedDatasetError(f"{keyword} is missing")
+        uids[keyword] = require_uid(sent, what)
     return InstanceHeader(
-        study_uid=require_uid(str(ds.StudyInstanceUID), "Study Instance UID"),
-        series_uid=require_uid(str(ds.SeriesInstanceUID), "Series Instance UID"),
-        sop_instance_uid=require_uid(str(ds.SOPInstanceUID), "SOP Instance UID"),
-        sop_class_uid=require_uid(str(ds.SOPClassUID), "SOP Class UID"),
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        sop_class_uid=uids["SOPClassUID"],
         accession_number=_text(ds, "AccessionNumber", 64),
         patient_id=_text(ds, "PatientID", 64),
         patient_name=_text(ds, "PatientName", 324),
@@ -138,34 +153,40 @@ def header_from_dataset(ds: Dataset) -> InstanceHeader:
     )
 
 
-def read_received_file(path: Path, dataset_offset: int, transfer_syntax_uid: str) -> InstanceHeader:
+def read_received_file(
+    path: Path, dataset_offset: int, transfer_syntax_uid: str, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
+) -> InstanceHeader:
     """Header of a received Part-10 file whose dataset starts at `dataset_offset`.
 
     Checks that the dataset is structurally complete and carries pixel data (all accepted
-    SOP classes are images), so a truncated transfer is refused instead of stored.
+    SOP classes are images), so a truncated transfer is refused instead of stored.  A deflated
+    dataset is first inflated, as a stream and under a budget, into an anonymous file beside it
+    and gets the same check: the file kept in the spool stays the sender's deflated bytes.
     """
     ts = UID(transfer_syntax_uid)
     try:
-        size = path.stat().st_size
         if transfer_syntax_uid != DEFLATED:
             with path.open("rb") as fp:
-                has_pixels = check_complete(
-                    fp, dataset_offset, size, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
-                )
-            if not has_pixels:
-                raise MalformedDatasetError("the dataset has no Pixel Data")
-            ds = dcmread(path, stop_before_pixels=True)
-        else:
-            ds = dcmread(path)  # inflating is the only way to see the structure
-            if "PixelData" not in ds:
-                raise MalformedDatasetError("the dataset has no Pixel Data")
-        return header_from_dataset(ds)
+                return _checked_header(fp, dataset_offset, path.stat().st_size, ts.is_implicit_VR, ts.is_little_endian)
+        with path.open("rb") as fp, tempfile.TemporaryFile(dir=path.parent) as inflated:
+            fp.seek(dataset_offset)
+            size = inflate(fp, inflated, max_pixel_bytes)
+            return _checked_header(inflated, 0, size, False, True)
     except (MalformedDatasetError, InvalidUIDError):
         raise
-    except IncompleteDatasetError as exc:
+    except (IncompleteDatasetError, InflateError) as exc:
         raise MalformedDatasetError(str(exc)) from exc
     except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot parse"
         raise MalformedDatasetError(f"cannot parse dataset: {type(exc).__name__}") from exc
+
+
+def _checked_header(fp: BinaryIO, start: int, end: int, implicit_vr: bool, little_endian: bool) -> InstanceHeader:
+    structure = check_complete(fp, start, end, implicit_vr=implicit_vr, little_endian=little_endian)
+    if not structure.has_pixel_data:
+        raise MalformedDatasetError("the dataset has no Pixel Data")
+    fp.seek(start)
+    ds = read_dataset(fp, structure.implicit_vr, little_endian, stop_when=lambda tag, *_: tag == PIXEL_DATA_TAG)
+    return header_from_dataset(ds)
 
 
 def _get_or_create_study(

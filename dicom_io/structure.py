@@ -10,6 +10,7 @@ boundary, without decoding or even reading the values (cheap for 10-50 MB images
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import BinaryIO
 
 UNDEFINED = 0xFFFFFFFF
@@ -101,21 +102,29 @@ class _Walker:
                 self._skip(length, tag)
 
 
-def _walk(fp: BinaryIO, start: int, end: int, implicit_vr: bool, little_endian: bool) -> bool:
+@dataclass(frozen=True)
+class Structure:
+    """What the walk found: whether there is a top-level Pixel Data, and the VR encoding that walked cleanly."""
+
+    has_pixel_data: bool
+    implicit_vr: bool
+
+
+def _walk(fp: BinaryIO, start: int, end: int, implicit_vr: bool, little_endian: bool) -> Structure:
     fp.seek(start)
     walker = _Walker(fp, end, little_endian)
     walker.elements(implicit_vr, 0, until_item_end=False)
     if fp.tell() != end:
         raise IncompleteDatasetError(f"dataset structure ends at byte {fp.tell()} but {end} bytes were received")
-    return walker.has_pixel_data
+    return Structure(walker.has_pixel_data, implicit_vr)
 
 
-def check_complete(fp: BinaryIO, start: int, end: int, *, implicit_vr: bool, little_endian: bool) -> bool:
+def check_complete(fp: BinaryIO, start: int, end: int, *, implicit_vr: bool, little_endian: bool) -> Structure:
     """Raise IncompleteDatasetError unless the bytes [start, end) are a whole, well-formed dataset.
 
-    Returns whether a top-level Pixel Data element is present.  Some equipment encodes an
-    "explicit VR" dataset in implicit VR; pydicom reads those, so they are accepted here
-    too when the whole dataset walks cleanly that way.
+    Some equipment encodes an "explicit VR" dataset in implicit VR; pydicom reads those, so
+    they are accepted here too when the whole dataset walks cleanly that way (the result says
+    which encoding it was, so the header is then read the same way).
     """
     if end <= start:
         raise IncompleteDatasetError("empty dataset")

@@ -13,7 +13,6 @@ read or decoded come back as ``failed`` with the reason; they never stop the oth
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -21,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from db.models import StudyState
 from dicom_io.eligibility import check_eligibility
 from dicom_io.errors import PixelError
+from dicom_io.inflate import dcmread_bounded
 from dicom_io.pixels import PixelResult, load_image, to_model_tensor
 from models.operating_points import ADULT, decide_population
 from models.registry import TriageModel
@@ -124,7 +123,7 @@ def _kind_of(source: Source) -> str:
         return sniff(fh.read(132))
 
 
-def _read(source: Source) -> _Read:
+def _read(source: Source, max_pixel_bytes: int) -> _Read:
     """Header (DICOM only) and what to hand the pixel path; ``_Unreadable`` on a file that is no image.
 
     The reason says what the bytes looked like: a file with the DICOM preamble that cannot be
@@ -135,22 +134,21 @@ def _read(source: Source) -> _Read:
     except OSError as exc:
         raise _Unreadable(f"file cannot be opened: {type(exc).__name__}") from None
     try:
-        return _parse(source, kind)
+        return _parse(source, kind, max_pixel_bytes)
     except _READ_ERRORS as exc:
         what = "unreadable DICOM: {}" if kind == "dicom" else "not a DICOM, PNG or JPEG image ({})"
         raise _Unreadable(what.format(type(exc).__name__)) from None
 
 
-def _parse(source: Source, kind: str) -> _Read:
+def _parse(source: Source, kind: str, max_pixel_bytes: int) -> _Read:
     if isinstance(source, Dataset):
         return _Read("dicom", source, source)
     if kind in ("png", "jpeg"):
         return _Read(kind, None, source if isinstance(source, bytes) else Path(source))
+    ds = dcmread_bounded(source if isinstance(source, bytes) else Path(source), force=kind == "dicom?",
+                         max_pixel_bytes=max_pixel_bytes)  # fmt: skip
     if isinstance(source, bytes):
-        ds = pydicom.dcmread(io.BytesIO(source), force=kind == "dicom?")
         _ = ds.PixelData  # a DICOM object without pixels is not an image
-        return _Read("dicom", ds, ds)
-    ds = pydicom.dcmread(str(source), force=kind == "dicom?")
     return _Read("dicom", ds, ds)
 
 
@@ -221,7 +219,7 @@ class Scorer:
         """The judgement before the model (eligibility, operating point, thresholds), and the
         tensor to score (None when there is nothing to score)."""
         try:
-            read = _read(item.source)
+            read = _read(item.source, self.settings.pixels.max_pixel_bytes)
         except _Unreadable as exc:
             return Judgement(item.key, FAILED, False, exc.reason, "unknown", failed_at="read"), None
         elig = check_eligibility(read.header, self.settings.eligibility)
