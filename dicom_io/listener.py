@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
+from dicom_io import association_guard, commands
 from dicom_io.ingest import (
     IdentifierConflictError,
     MalformedDatasetError,
@@ -48,6 +49,7 @@ from dicom_io.staging import (
     staged_file,
     tune_socket,
 )
+from dicom_io.tls import server_ssl_context
 from dicom_io.uids import InvalidUIDError, require_uid
 from settings import Settings
 
@@ -81,18 +83,21 @@ _DIAG_LOCAL_LIMIT_EXCEEDED = 0x02
 # pynetdicom counts an association until its thread ends, and a connection that closes before
 # a valid A-ASSOCIATE-RQ leaves its thread waiting out the ACSE timeout (30 s): a dozen garbage
 # connections locked real senders out.  pynetdicom's own limit is therefore only a cap on
-# threads; listener.max_associations is enforced on connections that are still open.
+# threads, set well above listener.max_associations, which is enforced on established
+# associations only (see open_associations).
 THREAD_CAP_FACTOR = 4
-THREAD_CAP_EXTRA = 16
+THREAD_CAP_EXTRA = 64
 
 
 def open_associations(ae: AE) -> int:
-    """Acceptor associations whose DICOM upper layer still runs (the ones that hold a slot).
+    """Established acceptor associations whose DICOM upper layer still runs: the ones that hold a slot.
 
-    The DUL thread ends when the transport closes or aborts; the association thread may wait
-    on for its ACSE timeout, but it no longer serves anyone.
+    A connection still negotiating holds none (it must finish within
+    ``listener.association_deadline_s`` or is closed), so peers that dribble an A-ASSOCIATE-RQ
+    or send garbage never keep real senders out.  The DUL thread ends when the transport
+    closes or aborts; the association thread may wait on for a while, serving no one.
     """
-    return sum(1 for a in ae.active_associations if a.is_acceptor and a.dul.is_alive())
+    return sum(1 for a in ae.active_associations if a.is_acceptor and a.is_established and a.dul.is_alive())
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -190,18 +195,25 @@ class StorageSCP:
         """EVT_REQUESTED: reject callers not in listener.allowed_callers before negotiation."""
         caller = self._caller(event)
         limit = self.settings.listener.max_associations
-        if open_associations(event.assoc.ae) > limit:
+        if open_associations(event.assoc.ae) >= limit:
             log.warning("association from %s@%s rejected: %d open associations", caller.ae_title, caller.host, limit)
             event.assoc.acse.send_reject(_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _DIAG_LOCAL_LIMIT_EXCEEDED)
             event.assoc.kill()
             return
         if is_allowed(caller, self.settings):
             _prefer_requestor_order(event.assoc)
-            tune_socket(event.assoc, self.settings.listener.max_pdu)
             return
         log.warning("association rejected: calling AE %r from %s is not allowed", caller.ae_title, caller.host)
         event.assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _DIAG_CALLING_AE_NOT_RECOGNIZED)
         event.assoc.kill()
+
+    def handle_connection(self, event: evt.Event) -> None:
+        """EVT_CONN_OPEN: every read on this connection, the A-ASSOCIATE-RQ included, is bounded from here on."""
+        cfg = self.settings.listener
+        tune_socket(event.assoc, cfg.max_pdu, message_s=cfg.network_timeout_s, establish_s=cfg.association_deadline_s)
+        # A peer that connects and sends nothing is never read from: pynetdicom's wait for the
+        # A-ASSOCIATE-RQ is what ends it, so that wait is bounded by the deadline too.
+        event.assoc.acse_timeout = min(cfg.acse_timeout_s, cfg.association_deadline_s)
 
     def handle_accepted(self, event: evt.Event) -> None:
         caller = self._caller(event)
@@ -232,7 +244,7 @@ class StorageSCP:
             return _status(OUT_OF_RESOURCES if exc.errno == 28 else STORAGE_FAILED, "could not store the instance")
         try:
             offset = dataset_offset(staged)
-            header = read_received_file(staged, offset, transfer_syntax)
+            header = read_received_file(staged, offset, transfer_syntax, self.settings.pixels.max_pixel_bytes)
         except InvalidUIDError as exc:
             log.warning("instance %s from %s@%s refused: %s", sop_instance, caller.ae_title, caller.host, exc)
             return _status(INVALID_UID, str(exc).split(":")[0])
@@ -352,11 +364,34 @@ class ListenerHandle:
         log.info("listener stopped")
 
 
+class _OneLine(logging.Filter):
+    """pynetdicom logs a traceback for every PDU a peer got wrong and every connection it dropped,
+    all handled (the association ends); the log should say what happened in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = record.getMessage()
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            record.msg, record.args = (detail if message == str(exc) else f"{message}: {detail}"), None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE = _OneLine()
+
+
 def _quiet_pynetdicom(settings: Settings) -> None:
     # pynetdicom dumps whole datasets (patient names and IDs) at DEBUG: never below INFO.
     logger = logging.getLogger("pynetdicom")
     if logger.getEffectiveLevel() < logging.INFO:
         logger.setLevel(logging.INFO)
+    # Filters do not propagate: each of pynetdicom's module loggers gets one.
+    names = [n for n in logging.root.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    for name in names:
+        child = logging.getLogger(name)
+        if _ONE_LINE not in child.filters:
+            child.addFilter(_ONE_LINE)
 
 
 def start(settings: Settings) -> ListenerHandle:
@@ -366,6 +401,7 @@ def start(settings: Settings) -> ListenerHandle:
     application shell (``xray_triage.services``) starts beside it.
     """
     _quiet_pynetdicom(settings)
+    ssl_context = server_ssl_context(settings.listener.tls)  # a bad certificate or key stops start-up first
     spool = Spool(settings.storage.spool_dir, settings.storage.min_free_mb)
     swept = spool.sweep_staging()
     if swept:
@@ -378,14 +414,17 @@ def start(settings: Settings) -> ListenerHandle:
     scp = StorageSCP(settings, spool, factory)
     ae = build_ae(settings)
     install(ae, spool.staging)
+    commands.install(ae)
+    association_guard.install(ae)
     handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_CONN_OPEN, scp.handle_connection),
         (evt.EVT_REQUESTED, scp.handle_requested),
         (evt.EVT_ACCEPTED, scp.handle_accepted),
         (evt.EVT_C_ECHO, scp.handle_echo),
         (evt.EVT_C_STORE, scp.handle_store),
     ]
     cfg = settings.listener
-    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers)
+    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
     if server is None:  # only a blocking server returns None
         raise RuntimeError("the DICOM listener did not start")
     host, port = server.server_address[:2]

@@ -23,9 +23,11 @@ import ctypes.util
 import hashlib
 import os
 import queue
+import struct
 import sys
 import tempfile
 import threading
+import time
 import types
 import weakref
 from functools import partial
@@ -38,6 +40,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import dimse_messages
 from pynetdicom.dsutils import create_file_meta as _pynetdicom_create_file_meta
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, A_RELEASE_RP, A_RELEASE_RQ
 
 # Our own Implementation Class UID (a UUID-derived 2.25 root, PS3.5 B.2) and version name.
 # Stored files carry these instead of the library defaults, so the bytes we write (and their
@@ -231,6 +234,14 @@ def staged_file(request: Any) -> StagingFile | None:
 
 
 P_DATA_TF = 0x04
+_CONTROL_PDUS: dict[int, Any] = {
+    0x01: A_ASSOCIATE_RQ,
+    0x02: A_ASSOCIATE_AC,
+    0x03: A_ASSOCIATE_RJ,
+    0x05: A_RELEASE_RQ,
+    0x06: A_RELEASE_RP,
+    0x07: A_ABORT_RQ,
+}
 # A-ASSOCIATE, A-RELEASE and A-ABORT PDUs are a few bytes to some tens of KiB (128 presentation
 # contexts with full UIDs); nothing real comes near this.
 CONTROL_PDU_LIMIT = 1 << 20
@@ -256,58 +267,121 @@ def pdu_limit(pdu_type: int, max_pdu: int) -> int:
     return CONTROL_PDU_LIMIT
 
 
-def _recv_exactly(sock: Any, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv, bounded: the PDU's declared length is checked before any read.
+class DeadlineExceeded(TimeoutError):
+    """The peer did not finish associating, or sending one PDU, in time (an OSError: the transport ends)."""
 
-    pynetdicom reads a PDU as a 6-byte header (type, length), then ``recv(length)``; its own
+
+def _deadline(sock: Any, starting_pdu: bool) -> float:
+    """When the current read must be done: the PDU's deadline, and the association's until it is established."""
+    now = time.monotonic()
+    if starting_pdu or sock._xt_pdu_by is None:
+        sock._xt_pdu_by = now + sock._xt_message_s
+    deadline: float = sock._xt_pdu_by
+    if sock._xt_establish_by is not None:
+        if getattr(sock.assoc, "is_established", False):
+            sock._xt_establish_by = None
+        else:
+            deadline = min(deadline, sock._xt_establish_by)
+    return deadline
+
+
+def _recv_exactly(sock: Any, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv, bounded in size and time.
+
+    pynetdicom reads a PDU as a 6-byte header (type, length), then ``recv(length)``.  Its own
     reader allocates nothing up front but reads 4 KiB at a time (some 2,500 Python-level reads
     for a 10 MB image), and a header declaring 4 GiB followed by 16 bytes made the earlier
-    fast reader allocate 4 GiB at once.  Here the header is remembered, a body longer than
-    ``pdu_limit`` ends the association, and a body is read straight into its buffer (large ones
-    chunk by chunk, as the bytes arrive).  Otherwise the original's semantics: block until
+    fast reader allocate 4 GiB at once; its socket timeout applies per read call, so a peer
+    sending one byte every 15 s was never timed out.  Here the header is remembered, a body
+    longer than ``pdu_limit`` ends the association, a body is read straight into its buffer
+    (large ones chunk by chunk, as the bytes arrive), each PDU must arrive whole within the
+    network timeout of its first byte, and until the association is established every read
+    must end by the association deadline.  Otherwise the original's semantics: block until
     ``nr_bytes`` arrived, return what there is if the peer closed.
     """
-    pending = getattr(sock, "_xt_pending", None)
+    pending = sock._xt_pending
     sock._xt_pending = None
     if pending is not None and pending[1] == nr_bytes:
-        limit = pdu_limit(pending[0], getattr(sock, "_xt_max_pdu", 0))
+        limit = pdu_limit(pending[0], sock._xt_max_pdu)
         if nr_bytes > limit:
             raise PduTooLong(f"PDU type 0x{pending[0]:02X} declares {nr_bytes} bytes; at most {limit} accepted")
-        return _read(sock.socket, nr_bytes)
-    data = _read(sock.socket, nr_bytes)
+        body = _read(sock.socket, nr_bytes, _deadline(sock, starting_pdu=False))
+        if pending[0] != P_DATA_TF and len(body) == nr_bytes:
+            _check_control_pdu(pending[0], body)
+        return body
+    data = _read(sock.socket, nr_bytes, _deadline(sock, starting_pdu=nr_bytes == 6))
     if nr_bytes == 6 and len(data) == 6:
         sock._xt_pending = (data[0], int.from_bytes(data[2:6], "big"))
     return data
 
 
-def _read(raw: Any, nr_bytes: int) -> bytearray:
-    if nr_bytes <= RECV_CHUNK:
-        buf = bytearray(nr_bytes)
-        with memoryview(buf) as view:
-            got = 0
-            while got < nr_bytes:
-                n = raw.recv_into(view[got:], nr_bytes - got)
+class MalformedPdu(OSError):
+    """A control PDU that pynetdicom could decode but not act on (e.g. an A-ABORT with an invalid
+    source): it would raise inside pynetdicom's state machine and kill the association's thread,
+    so the connection is ended as if the peer had dropped it."""
+
+
+def _check_control_pdu(pdu_type: int, body: bytes | bytearray) -> None:
+    kind = _CONTROL_PDUS.get(pdu_type)
+    if kind is None:
+        return  # unknown types: pynetdicom answers them with an A-ABORT itself
+    pdu = kind()
+    try:
+        pdu.decode(struct.pack(">BBL", pdu_type, 0, len(body)) + bytes(body))
+        pdu.to_primitive()
+    except Exception as exc:  # noqa: BLE001 - any failure here is the peer's malformed PDU
+        raise MalformedPdu(f"malformed PDU type 0x{pdu_type:02X}: {type(exc).__name__}: {exc}") from None
+
+
+def _recv_into(raw: Any, view: memoryview, nr_bytes: int, deadline: float) -> int:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlineExceeded("the peer is too slow: deadline passed before its data arrived")
+    raw.settimeout(remaining)
+    try:
+        return int(raw.recv_into(view, nr_bytes))
+    except TimeoutError:
+        raise DeadlineExceeded("the peer is too slow: deadline passed before its data arrived") from None
+
+
+def _read(raw: Any, nr_bytes: int, deadline: float) -> bytearray:
+    timeout = raw.gettimeout()
+    try:
+        if nr_bytes <= RECV_CHUNK:
+            buf = bytearray(nr_bytes)
+            with memoryview(buf) as view:
+                got = 0
+                while got < nr_bytes:
+                    n = _recv_into(raw, view[got:], nr_bytes - got, deadline)
+                    if n == 0:
+                        break
+                    got += n
+            return buf if got == nr_bytes else buf[:got]
+        out = bytearray()
+        scratch = bytearray(RECV_CHUNK)
+        with memoryview(scratch) as view:
+            while len(out) < nr_bytes:
+                n = _recv_into(raw, view, min(RECV_CHUNK, nr_bytes - len(out)), deadline)
                 if n == 0:
                     break
-                got += n
-        return buf if got == nr_bytes else buf[:got]
-    out = bytearray()
-    scratch = bytearray(RECV_CHUNK)
-    with memoryview(scratch) as view:
-        while len(out) < nr_bytes:
-            n = raw.recv_into(view, min(RECV_CHUNK, nr_bytes - len(out)))
-            if n == 0:
-                break
-            out += view[:n]
-    return out
+                out += view[:n]
+        return out
+    finally:
+        raw.settimeout(timeout)
 
 
-def tune_socket(assoc: Any, max_pdu: int) -> None:
-    """Give one association's socket the bounded, faster read (instance attribute: nothing global
-    changes).  Called when the A-ASSOCIATE-RQ has been read: every later PDU goes through it."""
+def tune_socket(assoc: Any, max_pdu: int, *, message_s: float, establish_s: float | None = None) -> None:
+    """Give one association's socket the bounded read (instance attribute: nothing global changes).
+
+    Called when the connection opens, so the A-ASSOCIATE-RQ itself is read under the
+    association deadline `establish_s`; `message_s` bounds the arrival of each PDU.
+    """
     sock = getattr(getattr(assoc, "dul", None), "socket", None)
     if sock is not None and getattr(sock, "socket", None) is not None and not getattr(sock, "_xt_tuned", False):
         sock._xt_max_pdu = max_pdu
         sock._xt_pending = None
+        sock._xt_message_s = message_s
+        sock._xt_pdu_by = None
+        sock._xt_establish_by = None if establish_s is None else time.monotonic() + establish_s
         sock.recv = types.MethodType(_recv_exactly, sock)
         sock._xt_tuned = True

@@ -72,6 +72,23 @@ class AllowedCaller(_Section):
     host: str | None = None
 
 
+class ListenerTlsConfig(_Section):
+    """DICOM TLS (PS3.15 Annex B) on the listener's port; see docs/conformance.md."""
+
+    cert_file: Path
+    key_file: Path
+    # The site CA that signs the senders' client certificates (required for mutual authentication).
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> ListenerTlsConfig:
+        # Without a CA no client certificate can be verified: every sender would be refused.
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs the senders' certificates)")
+        return self
+
+
 class ListenerConfig(_Section):
     ae_title: AETitle = "XRAY_TRIAGE"
     bind_address: str = "127.0.0.1"
@@ -86,6 +103,11 @@ class ListenerConfig(_Section):
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # A connection must finish its A-ASSOCIATE exchange within this many seconds of opening, or
+    # it is closed: a peer that dribbles bytes never holds a slot or a thread for longer.
+    association_deadline_s: Annotated[float, Field(gt=0, le=300)] = 20.0
+    # When set, the listener's port speaks DICOM TLS only.
+    tls: ListenerTlsConfig | None = None
 
     @field_validator("max_pdu")
     @classmethod

@@ -33,6 +33,9 @@ def setup_logging(level: str) -> None:
 
 
 def cmd_config_check(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_io.tls import server_ssl_context
+
+    server_ssl_context(settings.listener.tls)  # certificate, key and CA files load (ConfigError if not)
     data = effective_config(settings)
     print(json.dumps(data, indent=2))
     if settings.listener.allowed_callers is None:
@@ -246,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(settings, args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as exc:  # found when a command first uses a setting (e.g. TLS files)
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception as exc:  # the CLI promises a one-line reason, not a traceback
         log.debug("command failed", exc_info=True)
         print(f"xray-triage: {type(exc).__name__}: {exc}", file=sys.stderr)
