@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= config/xray-triage.yaml
 export XRAY_TRIAGE_CONFIG ?= $(CONFIG)
 
-.PHONY: run test venv system-deps services lint bench train clean
+.PHONY: run test venv system-deps services lint bench fuzz train clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,12 @@ lint: $(STAMP)
 ## bench: speed and memory figures against baselines measured in the same run (not run by CI)
 bench: system-deps $(STAMP) services
 	$(PY) -m bench
+
+## fuzz: a long network fuzzing campaign against the listener (FUZZ_CASES, FUZZ_SEED); figures in docs/conformance.md
+FUZZ_CASES ?= 20000
+FUZZ_SEED ?= 1
+fuzz: system-deps $(STAMP)
+	$(PY) -m tests.fuzz_campaign --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 ## train: the shipped default model + the compact baseline on ../shared/data, then their evaluation
 ## reports (report-nih: the default on all NIH findings films, a collection it never trained on).
