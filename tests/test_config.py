@@ -76,3 +76,19 @@ def test_secrets_are_masked():
     assert with_key["web"]["secret_key"] == "***" and key not in str(with_key)
     assert settings.database.url.startswith("postgresql+psycopg://")
     assert mask_secrets("sqlite:///var/x.db") == "sqlite:///var/x.db"
+
+
+@pytest.mark.parametrize("key", ["thresholds", "critical_thresholds"])
+def test_a_misspelt_finding_in_a_threshold_map_stops_the_cli_naming_the_key(tmp_path, key):
+    import subprocess
+    import sys
+
+    config = tmp_path / "site.yaml"
+    config.write_text(f"triage:\n  {key}:\n    pneumnia: 0.5\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "xray_triage.cli", "--config", str(config), "config", "check"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"triage.{key}: unknown finding pneumnia" in result.stderr and "pneumonia" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -12,10 +12,26 @@ from collections.abc import Mapping
 from typing import Any
 
 from models.card import ModelCard
+from models.findings import FINDING_NAMES
 from models.operating_points import ADULT, POPULATIONS
 from models.registry import TriageModel
-from settings import Settings
+from settings import ConfigError, Settings
 from triage.policy import steering_explanation, steering_findings, thresholds_for
+
+
+def check_finding_names(settings: Settings) -> None:
+    """Refuse a site policy that names a finding the models do not have (ConfigError naming the key).
+
+    A misspelt override (``pneumnia: 0.5``) used to be accepted and then did nothing: a site's
+    safety threshold silently not in force.  Findings are defined in ``models.findings``, above
+    the settings room, so the check lives here and runs when a command starts.
+    """
+    for key in ("thresholds", "critical_thresholds"):
+        unknown = sorted(set(getattr(settings.triage, key)) - set(FINDING_NAMES))
+        if unknown:
+            raise ConfigError(
+                f"triage.{key}: unknown finding {', '.join(unknown)}; choose from {', '.join(FINDING_NAMES)}"
+            )
 
 
 def model_thresholds(model: TriageModel, settings: Settings, population: str = ADULT) -> dict[str, float]:

@@ -241,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config)
+        from triage.operating import check_finding_names  # numpy and the model card: not for --help
+
+        check_finding_names(settings)
     except ConfigError as exc:
         print(f"xray-triage: {exc}", file=sys.stderr)
         return EXIT_CONFIG
