@@ -209,3 +209,21 @@ def test_password_change_and_disable_end_the_users_sessions(sqlite_backend, tmp_
     assert not alive(token)  # a disabled account has no live session, whatever its cookie says
     assert cli("enable", "dr.house").returncode == 0 and alive(token)
     assert cli("disable", "nobody").returncode == 2
+
+
+def test_config_is_accepted_after_the_subcommand_too(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text("listener:\n  ae_title: AFTER_SUB\n")
+    for argv in (["--config", str(config), "config", "check"], ["config", "check", "--config", str(config)]):
+        result = subprocess.run([*CLI, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert '"ae_title": "AFTER_SUB"' in result.stdout
+
+
+def test_user_add_without_a_terminal_or_password_stdin_says_what_to_do(tmp_path):
+    config = tmp_path / "site.yaml"
+    config.write_text(f"database:\n  url: sqlite:///{tmp_path / 'x.db'}\n")
+    result = subprocess.run([*CLI, "--config", str(config), "user", "add", "someone"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "EOFError" not in result.stderr
+    assert "--password-stdin" in result.stderr

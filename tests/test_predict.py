@@ -58,7 +58,7 @@ def test_predict_reports_unreadable_files_per_line(tiny_model_dir, tmp_path, cap
     missing = tmp_path / "gone.dcm"
     rc, out = _predict(tiny_model_dir, [bad, good, broken, missing], capsys)
     rows = [json.loads(line) for line in out.splitlines()]
-    assert rc == 0
+    assert rc == 1  # every file is reported, and the exit status says that some failed
     assert rows[0]["scores"] is None and rows[0]["eligible"] is False
     assert rows[0]["reason"]  # read leniently as a header-less DICOM: the pixel path names what is missing
     assert rows[1]["scores"] is not None
@@ -66,6 +66,7 @@ def test_predict_reports_unreadable_files_per_line(tiny_model_dir, tmp_path, cap
     assert rows[2]["scores"] is None and "Pixel Data" in rows[2]["reason"]
     assert rows[3]["scores"] is None and rows[3]["reason"] == "file cannot be opened: FileNotFoundError"
     assert rows[1]["priority"] and rows[2]["priority"] == rows[3]["priority"] == "routine"
+    assert _predict(tiny_model_dir, [good], capsys)[0] == 0
 
 
 def test_predict_human_format_carries_disclaimer(tiny_model_dir, capsys):

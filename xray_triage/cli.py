@@ -100,6 +100,8 @@ def _read_password(args: argparse.Namespace) -> str:
 
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise ValueError("no terminal to ask for the password on: pipe it in with --password-stdin")
     first = getpass.getpass(f"password for {args.username}: ")
     if getpass.getpass("again: ") != first:
         raise ValueError("the two passwords differ")
@@ -233,7 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_predict(add)
     register_commands(add)
+    _accept_global_options_everywhere(parser)
     return parser
+
+
+def _accept_global_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--config` before or after the subcommand (``xray-triage status --config site.yaml`` works too).
+
+    Except where a command has a `--config` of its own (``train --config`` names the training
+    config): there the site configuration goes before the subcommand.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--config" not in sub._option_string_actions:
+                    sub.add_argument("--config", default=argparse.SUPPRESS, help="configuration file (YAML)")
+                _accept_global_options_everywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,21 +60,24 @@ def judge_files(scorer: Scorer, paths: Sequence[str | os.PathLike[str]], batch_s
 
 def cmd_predict(settings: Settings, args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from db.models import StudyState
     from models.registry import TriageModel
     from triage.service import Scorer
 
     model = TriageModel.load(args.model, settings)
     scorer = Scorer(model, settings)
-    n_scored = 0
+    n_failed = 0
     # chunks: thousands of files stream out line by line instead of all pixels held in memory
     chunk = max(1, args.batch_size) * 4
     for start in range(0, len(args.files), chunk):
         judged = judge_files(scorer, args.files[start : start + chunk], batch_size=args.batch_size)
-        n_scored += sum(j.scores is not None for j in judged)
+        n_failed += sum(j.outcome is StudyState.FAILED for j in judged)
         _print(scorer, judged, args.json)
     if not args.json:
         print(DISCLAIMER)
-    return 0 if n_scored or not args.files else 1
+    # 0: every file was read (scored, or ineligible with its reason); 1: at least one could not be
+    # read or decoded (each line says why) - a script must not take a missing file for a result.
+    return 1 if n_failed else 0
 
 
 def _print(scorer: Scorer, judged: list[Judgement], as_json: bool) -> None:
