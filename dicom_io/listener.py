@@ -424,7 +424,14 @@ def start(settings: Settings) -> ListenerHandle:
         (evt.EVT_C_STORE, scp.handle_store),
     ]
     cfg = settings.listener
-    server = ae.start_server((cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    try:
+        server = ae.start_server(
+            (cfg.bind_address, cfg.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+        )
+    except OSError as exc:
+        engine.dispose()
+        where = f"{cfg.bind_address}:{cfg.port}"
+        raise OSError(exc.errno, f"DICOM listener cannot listen on {where}: {exc.strerror}") from None
     if server is None:  # only a blocking server returns None
         raise RuntimeError("the DICOM listener did not start")
     host, port = server.server_address[:2]

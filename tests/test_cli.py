@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,14 +96,17 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
     settings = sqlite_backend.settings(tmp_path)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    errors = (tmp_path / "run.err").open("w")
     proc = subprocess.Popen(
-        [*CLI, "--config", str(config), "run"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        [*CLI, "--config", str(config), "run"], cwd=REPO, stdout=subprocess.PIPE, stderr=errors,
         text=True, env=_env(), start_new_session=True,
     )  # fmt: skip
     try:
-        line = proc.stdout.readline()
         port = settings.listener.port
-        assert re.search(rf"AE title XRAY_TRIAGE at 127\.0\.0\.1:{port}", line), line
+        lines = [proc.stdout.readline()]  # the children may print first; "running" comes once the ports answer
+        while lines[-1] and "is running" not in lines[-1] and len(lines) < 500:
+            lines.append(proc.stdout.readline())
+        assert re.search(rf"AE title XRAY_TRIAGE at 127\.0\.0\.1:{port}", lines[-1]), lines
         wait_for(lambda: echoscu(port).returncode == 0, timeout=60, what="the listener started by run")
         web = f"http://127.0.0.1:{settings.web.port}"
         assert f"Worklist: {web}/" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
@@ -113,6 +117,8 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0
+    errors.close()
+    assert " ERROR " not in (tmp_path / "run.err").read_text()  # a normal Ctrl-C is no error
     assert echoscu(settings.listener.port).returncode != 0  # the listener child is gone too
     assert _get(f"http://127.0.0.1:{settings.web.port}/healthz") is None  # and the web app
 
@@ -227,3 +233,60 @@ def test_user_add_without_a_terminal_or_password_stdin_says_what_to_do(tmp_path)
                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr and "EOFError" not in result.stderr
     assert "--password-stdin" in result.stderr
+
+
+def _children(pid: int) -> dict[str, int]:
+    """The direct children of `pid` by subcommand (listen, worker, web), from /proc."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            for name in ("listen", "worker", "web"):
+                if name.encode() in cmdline:
+                    out[name] = int(stat.parent.name)
+    return out
+
+
+def test_run_restarts_a_crashed_child_and_leaves_the_others_alone(sqlite_backend, tmp_path):
+    settings = sqlite_backend.settings(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*CLI, "--config", str(config), "run"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(), start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: "is running" in log.read_text(), timeout=180, what="run to say it is running")
+        before = wait_for(lambda: c if len(c := _children(proc.pid)) == 3 else None, timeout=30, what="3 children")
+        os.kill(before["listen"], signal.SIGKILL)
+        wait_for(lambda: "restarting the DICOM listener" in log.read_text(), timeout=60, what="the restart")
+        wait_for(lambda: echoscu(settings.listener.port).returncode == 0, timeout=120, what="the listener to be back")
+        after = _children(proc.pid)
+        assert after["listen"] != before["listen"]
+        assert after["worker"] == before["worker"] and after["web"] == before["web"]
+        assert "the DICOM listener exited with status -9; restarting it in 1 s" in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_run_with_the_web_port_taken_says_which_component_and_address(sqlite_backend, tmp_path):
+    import socket
+
+    settings = sqlite_backend.settings(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", settings.web.port))
+        taken.listen()
+        result = subprocess.run([*CLI, "--config", str(config), "run"], cwd=REPO, capture_output=True, text=True,
+                                env=_env(), timeout=300, start_new_session=True)  # fmt: skip
+    assert result.returncode != 0
+    assert f"worklist web app cannot listen on 127.0.0.1:{settings.web.port}" in result.stderr
+    assert "the web app did not start" in result.stderr
+    assert "is running" not in result.stdout

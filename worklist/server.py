@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 from settings import Settings
 
@@ -13,6 +14,7 @@ def serve(settings: Settings) -> None:
     from worklist.app import create_app
 
     web = settings.web
+    _check_bindable(web.bind_address, web.port)
     logging.getLogger("xray_triage.web").info(
         "worklist on http://%s:%d/ (decision support - not for diagnostic use)", web.bind_address, web.port
     )
@@ -25,3 +27,14 @@ def serve(settings: Settings) -> None:
         proxy_headers=False,
         server_header=False,
     )
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Uvicorn's bind error names the address but not what wanted it; say both, before anything starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"worklist web app cannot listen on {host}:{port}: {exc.strerror}") from None

@@ -1,7 +1,8 @@
 """Process management: a Celery worker, and `run` = listener + worker + web app as child processes.
 
-`run` is what a newcomer starts (`make run`), so it prints where to push and stops both
-children cleanly on Ctrl-C; in production the two are separate services.
+`run` is what a newcomer starts (`make run`), so it prints where to push once the ports
+answer, restarts a child that crashes, and stops all of them cleanly on Ctrl-C; in
+production they may be separate services under the site's own supervisor.
 """
 
 from __future__ import annotations
@@ -9,16 +10,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from settings import Settings
 
 log = logging.getLogger("xray_triage.runner")
 
 STOP_GRACE_S = 15.0
+# A child that ran this long is healthy again: its next crash restarts it after 1 s.
+STABLE_AFTER_S = 60.0
+RESTART_MAX_S = 60.0
+STARTUP_TIMEOUT_S = 300.0
 # After a child exits, how long to wait for a Ctrl-C or SIGTERM that stopped it to reach us too.
 SIGNAL_GRACE_S = 1.0
 
@@ -78,22 +85,93 @@ def _stop(children: Sequence[subprocess.Popen[bytes]]) -> None:
             child.wait()
 
 
+@dataclass
+class Child:
+    """One supervised process: what it is called in the log, how to start it, its restarts."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+
+def restart_delay(failures: int) -> float:
+    """Backoff after the n-th crash in a row: 1, 2, 4 ... seconds, at most RESTART_MAX_S."""
+    return float(min(RESTART_MAX_S, 2 ** max(0, failures - 1)))
+
+
+def _listener_answers(host: str, port: int, ae_title: str, tls: bool) -> bool:
+    """A DICOM peer of ours answers an A-ASSOCIATE-RQ there (accepted or rejected: either is the listener).
+
+    A port that merely accepts TCP might be another program's; with DICOM TLS configured the
+    supervisor has no client certificate, so there an open port has to do.
+    """
+    target = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
+    if tls:
+        try:
+            with socket.create_connection((target, port), timeout=1):
+                return True
+        except OSError:
+            return False
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # this process only supervises
+    ae = AE(ae_title="XT_SUPERVISOR")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    try:
+        assoc = ae.associate(target, port, ae_title=ae_title)
+    except OSError:
+        return False
+    answered = bool(assoc.is_established or assoc.is_rejected)
+    if assoc.is_established:
+        assoc.release()
+    return answered
+
+
+def _web_answers(host: str, port: int) -> bool:
+    """The worklist app answers /healthz (any status: it is 503 until a worker reports)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    target = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
+    try:
+        with urllib.request.urlopen(f"http://{target}:{port}/healthz", timeout=2) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (OSError, ValueError):
+        return False
+    try:
+        return "checks" in json.loads(body)
+    except ValueError:
+        return False
+
+
 def run_all(settings: Settings, config_path: str | None = None, concurrency: int = 1) -> int:
-    """Listener, worker and web app as child processes; returns when one exits or on Ctrl-C/SIGTERM."""
+    """Listener, worker and web app as supervised child processes, until Ctrl-C or SIGTERM (exit 0).
+
+    "Running" is printed once the listener answers an association and the web app /healthz.  A child that
+    exits before that (a port in use, a bad setting) stops everything with its status; one
+    that crashes later is restarted with backoff and the restart is logged, so one dead
+    process does not take the others down, nor stay dead.
+    """
     cfg = settings.listener
     web = settings.web
     children = [
-        subprocess.Popen(_child_command(config_path, "listen")),
-        subprocess.Popen(_child_command(config_path, "worker", "--concurrency", str(concurrency))),
-        subprocess.Popen(_child_command(config_path, "web")),
+        Child("DICOM listener", _child_command(config_path, "listen")),
+        Child("worker", _child_command(config_path, "worker", "--concurrency", str(concurrency))),
+        Child("web app", _child_command(config_path, "web")),
     ]
-    print(
-        f"xray-triage is running. Push DICOM to AE title {cfg.ae_title} at {cfg.bind_address}:{cfg.port}\n"
-        f"  e.g. storescu -aec {cfg.ae_title} {cfg.bind_address} {cfg.port} image.dcm\n"
-        f"Worklist: http://{web.bind_address}:{web.port}/ (add a user first: xray-triage user add NAME --role admin)\n"
-        "Ctrl-C stops the listener, the worker and the web app.",
-        flush=True,
-    )
     terminated = False
 
     def _on_term(signum: int, _frame: object) -> None:
@@ -103,19 +181,75 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
     # Ctrl-C reaches the whole process group: a child may stop before this process has seen the
     # signal, so SIGINT is a flag too, and a child's exit gets a moment to turn out to be that.
     previous = {sig: signal.signal(sig, _on_term) for sig in (signal.SIGTERM, signal.SIGINT)}
-    code = 0
+    for child in children:
+        child.start()
     try:
-        while not terminated:
-            exited = [c for c in children if c.poll() is not None]
-            if exited:
-                time.sleep(SIGNAL_GRACE_S)
-                if not terminated:
-                    code = exited[0].returncode or 1
-                    log.error("a child process exited with status %s; stopping the others", exited[0].returncode)
-                break
-            time.sleep(0.5)
+
+        def up() -> bool:
+            return _listener_answers(cfg.bind_address, cfg.port, cfg.ae_title, cfg.tls is not None) and _web_answers(
+                web.bind_address, web.port
+            )
+
+        code = _wait_until_up(children, up, lambda: terminated)
+        if code is not None:
+            return code
+        print(
+            f"xray-triage is running. Push DICOM to AE title {cfg.ae_title} at {cfg.bind_address}:{cfg.port}\n"
+            f"  e.g. storescu -aec {cfg.ae_title} {cfg.bind_address} {cfg.port} image.dcm\n"
+            f"Worklist: http://{web.bind_address}:{web.port}/"
+            " (add a user first: xray-triage user add NAME --role admin)\n"
+            "Ctrl-C stops the listener, the worker and the web app.",
+            flush=True,
+        )
+        _supervise(children, lambda: terminated)
+        return 0
     finally:
-        _stop(children)
+        _stop([c.proc for c in children if c.proc is not None])
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return code
+
+
+def _wait_until_up(children: list[Child], up: Callable[[], bool], stopped: Callable[[], bool]) -> int | None:
+    """None once the listener and the web app answer; else the exit status to end `run` with (0 if signalled)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not up():
+        if stopped():
+            return 0
+        for child in children:
+            assert child.proc is not None
+            if child.proc.poll() is not None:
+                time.sleep(SIGNAL_GRACE_S)
+                if stopped():
+                    return 0
+                log.error("the %s did not start (exit status %s); stopping", child.name, child.proc.returncode)
+                return child.proc.returncode or 1
+        if time.monotonic() > deadline:
+            log.error("the listener and the web app did not answer within %.0f s; stopping", STARTUP_TIMEOUT_S)
+            return 1
+        time.sleep(0.2)
+    return None
+
+
+def _supervise(children: list[Child], stopped: Callable[[], bool]) -> None:
+    while not stopped():
+        now = time.monotonic()
+        for child in children:
+            assert child.proc is not None
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    log.warning("restarting the %s", child.name)
+                    child.start()
+                continue
+            status = child.proc.poll()
+            if status is None:
+                if now - child.started_at > STABLE_AFTER_S:
+                    child.failures = 0
+                continue
+            time.sleep(SIGNAL_GRACE_S)
+            if stopped():
+                return
+            child.failures += 1
+            delay = restart_delay(child.failures)
+            log.error("the %s exited with status %s; restarting it in %.0f s", child.name, status, delay)
+            child.restart_at = time.monotonic() + delay
+        time.sleep(0.5)
