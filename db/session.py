@@ -94,3 +94,35 @@ def current_revision(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest migration shipped with this code."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR}")
+    return str(head)
+
+
+class SchemaNotCurrent(RuntimeError):
+    """The database is not at the code's migration head and will not be migrated implicitly."""
+
+
+def ensure_schema(url: str, *, migrate_embedded: bool) -> str | None:
+    """Make sure the schema is current before serving: returns the revision migrated *from*
+    when it migrated (None when nothing was to do).
+
+    The embedded SQLite default is migrated here (a newcomer's `make run` just works); an
+    external database is never changed implicitly, since its migration is an operator's decision
+    (backups, several hosts): SchemaNotCurrent says which command to run.
+    """
+    current, head = current_revision(url), head_revision()
+    if current == head:
+        return None
+    if url.startswith("sqlite") and migrate_embedded:
+        upgrade(url)
+        return current or "empty"
+    found = f"at revision {current}" if current else "empty"
+    raise SchemaNotCurrent(f"the database is {found}, this version needs {head}: run `xray-triage db upgrade` first")

@@ -290,3 +290,35 @@ def test_run_with_the_web_port_taken_says_which_component_and_address(sqlite_bac
     assert f"worklist web app cannot listen on 127.0.0.1:{settings.web.port}" in result.stderr
     assert "the web app did not start" in result.stderr
     assert "is running" not in result.stdout
+
+
+def test_listen_on_a_database_that_was_never_migrated_says_to_run_db_upgrade(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database:\n  url: sqlite:///{tmp_path / 'fresh.db'}\nstorage:\n  spool_dir: {tmp_path}/spool\n")
+    result = subprocess.run([*CLI, "--config", str(config), "listen"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 1
+    assert "the database is empty" in result.stderr and "xray-triage db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr and "SELECT" not in result.stderr
+
+
+def test_run_migrates_the_embedded_database_by_itself_and_says_so(sqlite_backend, tmp_path):
+    settings = sqlite_backend.settings(tmp_path, database={"url": f"sqlite:///{tmp_path / 'never-upgraded.db'}"})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*CLI, "--config", str(config), "run"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                env=_env(), start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: "is running" in log.read_text(), timeout=180, what="run to say it is running")
+        assert "migrated the embedded database (was empty)" in log.read_text()
+        assert (
+            storescu(settings.listener.port, [shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")]).returncode
+            == 0
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    assert "no such table" not in log.read_text()

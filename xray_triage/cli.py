@@ -67,15 +67,41 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_schema(settings: Settings, *, migrate_embedded: bool = False) -> int | None:
+    """None when the database schema is current (migrating the embedded SQLite default if asked);
+    else an exit status after one line that says what to do.  A database that cannot be reached
+    is left to the service itself (the listener answers 0xC001 until it is back)."""
+    import sqlalchemy.exc
+
+    from db.session import SchemaNotCurrent, ensure_schema
+
+    try:
+        migrated_from = ensure_schema(settings.database.url, migrate_embedded=migrate_embedded)
+    except SchemaNotCurrent as exc:
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except sqlalchemy.exc.OperationalError as exc:
+        log.warning("database not reachable at start-up (%s); starting anyway", type(exc.orig).__name__)
+        return None
+    if migrated_from is not None:
+        print(f"xray-triage: migrated the embedded database (was {migrated_from})", file=sys.stderr)
+    return None
+
+
 def cmd_listen(settings: Settings, args: argparse.Namespace) -> int:
     from xray_triage.services import serve_intake
 
+    if (code := _require_schema(settings)) is not None:
+        return code
     serve_intake(settings)
     return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from xray_triage.runner import run_worker
+
+    if (code := _require_schema(settings)) is not None:
+        return code
 
     queues = args.queues.split(",") if args.queues else [settings.queues.urgent, settings.queues.routine]
     return run_worker(settings, queues=queues, concurrency=args.concurrency)
@@ -84,12 +110,16 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from xray_triage.runner import run_all
 
+    if (code := _require_schema(settings, migrate_embedded=True)) is not None:
+        return code
     return run_all(settings, config_path=args.config, concurrency=args.concurrency)
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     from worklist.server import serve
 
+    if (code := _require_schema(settings)) is not None:
+        return code
     serve(settings)
     return 0
 
