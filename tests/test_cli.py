@@ -111,7 +111,8 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
         web = f"http://127.0.0.1:{settings.web.port}"
         assert f"Worklist: {web}/" in proc.stdout.readline() + proc.stdout.readline() + proc.stdout.readline()
         health = wait_for(lambda: _get(f"{web}/healthz"), timeout=120, what="the web app started by run")
-        assert set(json.loads(health)["checks"]) == {"database", "broker", "workers"}
+        assert set(json.loads(health)["checks"]) == {"listener", "database", "broker", "workers"}
+        assert json.loads(health)["checks"]["listener"]["ok"] is True
     finally:
         # Ctrl-C in a terminal reaches the whole process group.
         os.killpg(proc.pid, signal.SIGINT)

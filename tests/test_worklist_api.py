@@ -1151,13 +1151,15 @@ def test_masked_identity_hides_names_and_ids(make_worklist) -> None:
 # --------------------------------------------------------------------------- health
 
 
-def test_healthz_is_ok_with_a_live_worker(worklist: WorklistApp) -> None:
+def test_healthz_is_ok_with_a_live_worker_and_listener(worklist: WorklistApp, start_listener) -> None:
     worklist.beat(age_s=1)
+    start_listener(worklist.settings, with_handoff=False)
     r = worklist.client().get("/healthz")  # no login needed
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["ok"] is True
-    assert set(body["checks"]) == {"database", "broker", "workers"}
+    assert set(body["checks"]) == {"listener", "database", "broker", "workers"}
+    assert body["checks"]["listener"] == {"ok": True, "echo": "C-ECHO success"}
     assert body["checks"]["database"] == {"ok": True}
     assert body["checks"]["workers"] == {"ok": True, "alive": 1}
     broker = body["checks"]["broker"]
@@ -1165,7 +1167,7 @@ def test_healthz_is_ok_with_a_live_worker(worklist: WorklistApp) -> None:
     assert set(broker["queues"]) == {worklist.settings.queues.urgent, worklist.settings.queues.routine}
 
 
-def test_healthz_is_503_without_a_live_worker(worklist: WorklistApp) -> None:
+def test_healthz_is_503_without_a_live_worker(worklist: WorklistApp, start_listener) -> None:
     client = worklist.client()
     r = client.get("/healthz")
     assert r.status_code == 503 and r.headers["content-type"].startswith("application/json")
@@ -1174,6 +1176,8 @@ def test_healthz_is_503_without_a_live_worker(worklist: WorklistApp) -> None:
     assert body["checks"]["database"]["ok"] is True and body["checks"]["broker"]["ok"] is True
     workers = body["checks"]["workers"]
     assert workers["ok"] is False and "no worker heartbeat in the last 90 s" in workers["error"]
+    listener = body["checks"]["listener"]  # no listener runs in this test: a real C-ECHO finds none
+    assert listener["ok"] is False and "no DICOM association" in listener["error"]
 
     # A heartbeat older than web.worker_stale_s is a dead worker.
     worklist.beat(age_s=600)
@@ -1184,8 +1188,10 @@ def test_healthz_is_503_without_a_live_worker(worklist: WorklistApp) -> None:
     assert [(w["name"], w["alive"]) for w in status["workers"]] == [("worker@test:1", False)]
     assert status["health"]["ok"] is False
 
-    # The worker comes back.
+    # The worker comes back, and with the listener up everything is ok.
     worklist.beat(age_s=0)
+    assert client.get("/healthz").json()["checks"]["workers"]["ok"] is True
+    start_listener(worklist.settings, with_handoff=False)
     assert client.get("/healthz").status_code == 200
     assert [w["alive"] for w in it.get("/api/admin/status").json()["workers"]] == [True]
 

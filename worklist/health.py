@@ -1,4 +1,4 @@
-"""Is the system working?  Database, broker and workers, for /healthz and the admin page.
+"""Is the system working?  Listener (a real C-ECHO), database, broker and workers, for /healthz and the admin page.
 
 Each check has its own short timeout and turns any error into a reason, so a health probe
 answers quickly with what is down instead of hanging on the part that is.
@@ -17,7 +17,7 @@ from db.heartbeats import read_heartbeats
 from settings import Settings
 
 CHECK_TIMEOUT_S = 3.0
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health")
 
 
 def _bounded(fn: Any, *args: Any) -> dict[str, Any]:
@@ -78,8 +78,15 @@ def _workers(factory: sessionmaker[Session], now: datetime, stale_after_s: float
     return {"alive": len(alive), "workers": rows}
 
 
+def _listener(settings: Settings) -> dict[str, Any]:
+    from dicom_io.echo import echo_listener
+
+    return {"echo": echo_listener(settings.listener, timeout_s=CHECK_TIMEOUT_S - 0.5)}
+
+
 def health(settings: Settings, factory: sessionmaker[Session], now: datetime) -> dict[str, Any]:
     checks = {
+        "listener": _bounded(_listener, settings),
         "database": _bounded(_database, factory),
         "broker": _bounded(_broker, settings),
         "workers": _bounded(_workers, factory, now, settings.web.worker_stale_s),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from settings import Settings
+from settings.config import ListenerConfig
 
 log = logging.getLogger("xray_triage.runner")
 
@@ -107,34 +107,15 @@ def restart_delay(failures: int) -> float:
     return float(min(RESTART_MAX_S, 2 ** max(0, failures - 1)))
 
 
-def _listener_answers(host: str, port: int, ae_title: str, tls: bool) -> bool:
-    """A DICOM peer of ours answers an A-ASSOCIATE-RQ there (accepted or rejected: either is the listener).
-
-    A port that merely accepts TCP might be another program's; with DICOM TLS configured the
-    supervisor has no client certificate, so there an open port has to do.
-    """
-    target = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
-    if tls:
-        try:
-            with socket.create_connection((target, port), timeout=1):
-                return True
-        except OSError:
-            return False
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+def _listener_answers(cfg: ListenerConfig) -> bool:
+    from dicom_io.echo import ListenerDown, echo_listener
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # this process only supervises
-    ae = AE(ae_title="XT_SUPERVISOR")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 5
     try:
-        assoc = ae.associate(target, port, ae_title=ae_title)
-    except OSError:
+        echo_listener(cfg, timeout_s=5.0)
+        return True
+    except (ListenerDown, OSError):
         return False
-    answered = bool(assoc.is_established or assoc.is_rejected)
-    if assoc.is_established:
-        assoc.release()
-    return answered
 
 
 def _web_answers(host: str, port: int) -> bool:
@@ -186,9 +167,7 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
     try:
 
         def up() -> bool:
-            return _listener_answers(cfg.bind_address, cfg.port, cfg.ae_title, cfg.tls is not None) and _web_answers(
-                web.bind_address, web.port
-            )
+            return _listener_answers(cfg) and _web_answers(web.bind_address, web.port)
 
         code = _wait_until_up(children, up, lambda: terminated)
         if code is not None:

@@ -13,7 +13,7 @@ router = APIRouter()
 
 @router.get("/healthz", tags=["health"])
 def healthz(request: Request) -> JSONResponse:
-    """Database, broker and workers: 200 when all answer, 503 naming what does not."""
+    """Listener (C-ECHO), database, broker and workers: 200 when all answer, 503 naming what does not."""
     factory: sessionmaker[Session] = request.app.state.factory
     status = health.health(settings_of(request), factory, utcnow())
     brief = {
