@@ -120,6 +120,8 @@ class Study(Base):
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column()
     processing_at: Mapped[datetime | None] = mapped_column()
+    # The worker process scoring it (its heartbeat row's name): a stopped heartbeat re-queues it.
+    processing_by: Mapped[str | None] = mapped_column(String(128))
     finished_at: Mapped[datetime | None] = mapped_column()
     # Bumped every time the study is handed to the queue; a message carries it so a stale or
     # duplicated message (older generation) can be recognised by the worker.

@@ -248,6 +248,11 @@ class WorkerConfig(_Section):
     # `queued` or `processing` longer than these, e.g. after its message died with a broker.
     queued_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     processing_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    # A study whose worker's heartbeat is older than this is re-queued by the sweeper (a worker
+    # killed outright); three missed heartbeats at the default interval.
+    dead_worker_after_s: Annotated[float, Field(gt=0)] = 45.0
+    # Heartbeat rows of workers silent this long are deleted (the admin page forgets them).
+    heartbeat_expire_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
     sweep_interval_s: Annotated[float, Field(gt=0)] = 30.0
 
 

@@ -162,3 +162,43 @@ def test_messages_lost_with_redis_are_requeued_and_every_study_scored_once(
             stop()
         env.listener.stop()
         env.factory.kw["bind"].dispose()
+
+
+def test_a_dead_workers_study_is_requeued_once_within_a_minute_and_old_heartbeats_expire(
+    backend, tmp_path, start_listener
+) -> None:
+    from db.models import WorkerHeartbeat
+
+    settings = scoring_settings(backend.database_url, backend.broker_url, tmp_path, "dead")
+    handle = start_listener(settings, with_handoff=False)
+    files = [as_new_study(pydicom_data_file("RG1_UNCR.dcm"), tmp_path / f"w{i}.dcm") for i in range(2)]
+    for f in files:
+        assert storescu(handle.port, [f]).returncode == 0
+    dead_ones, live_ones = (study_uid_of(f) for f in files)
+    factory = make_sessionmaker(make_engine(settings.database.url))
+    now = utcnow()
+    minute_ago = now - timedelta(seconds=60)
+    with session_scope(factory) as s:
+        s.execute(update(WorkerHeartbeat).values(last_seen_at=now))  # other tests' rows on a shared database
+        for name, seen in (("host:111", minute_ago), ("host:222", now), ("host:333", now - timedelta(days=2))):
+            s.add(WorkerHeartbeat(name=name, hostname="host", pid=int(name[-3:]), queues="q", model_ref=None,
+                                  started_at=seen, last_seen_at=seen))  # fmt: skip
+        for uid, worker in ((dead_ones, "host:111"), (live_ones, "host:222")):
+            s.execute(
+                update(Study)
+                .where(Study.study_uid == uid)
+                .values(state=StudyState.PROCESSING, processing_by=worker, state_changed_at=minute_ago)
+            )
+    assert settings.worker.dead_worker_after_s < 60 < settings.worker.processing_timeout_s
+
+    sent = Recorder()
+    assert sweep_once(factory, sent, settings, now=now) == 1
+    assert [(h.study_uid, h.generation) for h in sent.sent] == [(dead_ones, 1)]  # never handed off before: 0 + 1
+    with factory() as s:
+        state, reason = s.execute(select(Study.state, Study.state_reason).where(Study.study_uid == dead_ones)).one()
+        live_state = s.scalar(select(Study.state).where(Study.study_uid == live_ones))
+        names = set(s.scalars(select(WorkerHeartbeat.name)))
+    assert state == StudyState.QUEUED and "heartbeat stopped" in reason
+    assert live_state == StudyState.PROCESSING  # its worker is alive: left alone
+    assert "host:333" not in names and {"host:111", "host:222"} <= names  # two days silent: forgotten
+    assert sweep_once(factory, Recorder(), settings, now=now) == 0  # exactly once

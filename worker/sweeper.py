@@ -18,10 +18,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import delete, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Study, StudyState, utcnow
+from db.models import Study, StudyState, WorkerHeartbeat, utcnow
 from db.session import session_scope
 from db.transitions import move_state
 from settings import Settings
@@ -39,27 +39,45 @@ class Stuck:
     state: StudyState
     generation: int
     queue: str
+    timed_out_at: datetime | None = None  # when it entered its state
 
 
 def stuck_studies(session: Session, settings: Settings, now: datetime, limit: int = SWEEP_BATCH) -> list[Stuck]:
-    """Studies queued or processing for longer than their timeout, oldest first."""
+    """Studies queued or processing for longer than their timeout, or processing by a worker
+    whose heartbeat has stopped, oldest first."""
     cfg = settings.worker
     queued_cutoff = now - timedelta(seconds=cfg.queued_timeout_s)
     processing_cutoff = now - timedelta(seconds=cfg.processing_timeout_s)
+    dead_cutoff = now - timedelta(seconds=cfg.dead_worker_after_s)
+    worker_dead = exists().where(
+        WorkerHeartbeat.name == Study.processing_by, WorkerHeartbeat.last_seen_at <= dead_cutoff
+    )
     rows = session.execute(
-        select(Study.id, Study.study_uid, Study.state, Study.handoff_generation, Study.queue_name)
+        select(
+            Study.id, Study.study_uid, Study.state, Study.handoff_generation, Study.queue_name, Study.state_changed_at
+        )
         .where(
             or_(
                 (Study.state == StudyState.QUEUED) & (Study.state_changed_at <= queued_cutoff),
                 (Study.state == StudyState.PROCESSING) & (Study.state_changed_at <= processing_cutoff),
+                (Study.state == StudyState.PROCESSING) & (Study.state_changed_at <= dead_cutoff) & worker_dead,
             )
         )
         .order_by(Study.state_changed_at)
         .limit(limit)
     ).all()
     return [
-        Stuck(int(r[0]), str(r[1]), StudyState(r[2]), int(r[3]), str(r[4] or settings.queues.routine)) for r in rows
+        Stuck(int(r[0]), str(r[1]), StudyState(r[2]), int(r[3]), str(r[4] or settings.queues.routine), r[5])
+        for r in rows
     ]
+
+
+def expire_heartbeats(session: Session, settings: Settings, now: datetime) -> int:
+    """Delete heartbeat rows of workers silent for `worker.heartbeat_expire_s`: a worker of an
+    earlier run must not stay listed (in red) for ever."""
+    cutoff = now - timedelta(seconds=settings.worker.heartbeat_expire_s)
+    result = session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.last_seen_at <= cutoff))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def requeue(factory: sessionmaker[Session], stuck: Stuck, now: datetime, publish: Publisher, reason: str) -> int | None:
@@ -81,21 +99,29 @@ def requeue(factory: sessionmaker[Session], stuck: Stuck, now: datetime, publish
         return stuck.generation + 1
 
 
+def _reason(stuck: Stuck, settings: Settings, now: datetime) -> str:
+    cfg = settings.worker
+    if stuck.state is StudyState.QUEUED:
+        return f"re-queued by the sweeper: queued for more than {cfg.queued_timeout_s:g} s"
+    if stuck.timed_out_at is not None and stuck.timed_out_at <= now - timedelta(seconds=cfg.processing_timeout_s):
+        return f"re-queued by the sweeper: processing for more than {cfg.processing_timeout_s:g} s"
+    return f"re-queued by the sweeper: its worker's heartbeat stopped more than {cfg.dead_worker_after_s:g} s ago"
+
+
 def sweep_once(
     factory: sessionmaker[Session], publish: Publisher, settings: Settings, now: datetime | None = None
 ) -> int:
     """Re-queue every stuck study; stops at the first publish failure (the broker is down). Returns the count."""
     now = now or utcnow()
+    with session_scope(factory) as session:
+        expired = expire_heartbeats(session, settings, now)
+    if expired:
+        log.info("forgot %d worker heartbeat(s) silent for more than %g s", expired, settings.worker.heartbeat_expire_s)
     with factory() as session:
         candidates = stuck_studies(session, settings, now)
     done = 0
     for stuck in candidates:
-        timeout = (
-            settings.worker.queued_timeout_s
-            if stuck.state is StudyState.QUEUED
-            else settings.worker.processing_timeout_s
-        )
-        reason = f"re-queued by the sweeper: {stuck.state.value} for more than {timeout:g} s"
+        reason = _reason(stuck, settings, now)
         try:
             generation = requeue(factory, stuck, now, publish, reason)
         except Exception as exc:  # noqa: BLE001 - broker or database down: roll back, retry next sweep

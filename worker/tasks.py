@@ -31,7 +31,7 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker import PROCESS_STUDY_TASK
@@ -64,8 +64,11 @@ class ClaimResult:
     study_id: int | None = None
 
 
-def begin_processing(session: Session, study_uid: str, generation: int, now: datetime) -> ClaimResult:
-    """queued -> processing for this generation, or say why not.
+def begin_processing(
+    session: Session, study_uid: str, generation: int, now: datetime, worker: str | None = None
+) -> ClaimResult:
+    """queued -> processing for this generation, or say why not; `worker` (this process's
+    heartbeat name) is recorded so that the sweeper can tell when the worker has died.
 
     A study already `processing` under the same generation is resumed: that is the message
     redelivered after a worker died (acks_late), not a second copy to ignore.
@@ -81,6 +84,11 @@ def begin_processing(session: Session, study_uid: str, generation: int, now: dat
     if generation < db_generation:
         return ClaimResult(Claim.STALE, study_id)
     if state is StudyState.PROCESSING:
+        session.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.handoff_generation == generation)
+            .values(processing_by=worker)
+        )
         return ClaimResult(Claim.STARTED, study_id)
     won = move_state(
         session,
@@ -89,7 +97,7 @@ def begin_processing(session: Session, study_uid: str, generation: int, now: dat
         StudyState.PROCESSING,
         now,
         where=[Study.handoff_generation == generation],
-        values={"processing_at": now},
+        values={"processing_at": now, "processing_by": worker},
     )
     return ClaimResult(Claim.STARTED if won else Claim.STALE, study_id)
 
@@ -220,11 +228,15 @@ class PoolProcess:
     heartbeat: HeartbeatThread | None = None
 
 
+def worker_name() -> str:
+    """This pool process's heartbeat name, ``host:pid``: also what a claimed study records."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def pool_identity(app: Celery, model_ref: str | None) -> WorkerIdentity:
     """This pool process as its heartbeat row names it: ``host:pid``, the queues it consumes."""
-    hostname, pid = socket.gethostname(), os.getpid()
     queues = ",".join(app.amqp.queues.consume_from)  # narrowed to the worker's -Q before the fork
-    return WorkerIdentity(f"{hostname}:{pid}", hostname, pid, queues, model_ref)
+    return WorkerIdentity(worker_name(), socket.gethostname(), os.getpid(), queues, model_ref)
 
 
 def _load_model(settings: Settings) -> str | None:
@@ -273,7 +285,7 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
         factory = _factory(url)
         try:
             with session_scope(factory) as session:
-                claimed = begin_processing(session, study_uid, int(generation), utcnow())
+                claimed = begin_processing(session, study_uid, int(generation), utcnow(), worker_name())
             if claimed.claim is Claim.NOT_YET:
                 raise self.retry(countdown=NOT_YET_COUNTDOWN_S, max_retries=NOT_YET_RETRIES)
             if claimed.claim is Claim.STALE or claimed.study_id is None:
