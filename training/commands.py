@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from models.findings import FINDING_NAMES
@@ -33,10 +35,13 @@ def cmd_evaluate(settings: Any, args: argparse.Namespace) -> int:
     _quiet_backend()
     from training.evaluate import evaluate
 
+    # Never into the model's own folder by default: the shipped model's reports are part of it.
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out_dir = args.out or str(Path.cwd() / f"evaluation-{Path(args.model).name}-{args.split}-{stamp}")
     out = evaluate(
         args.model,
         args.data,
-        out_dir=args.out,
+        out_dir=out_dir,
         finding=args.finding,
         split=args.split,
         compare=args.compare,
@@ -62,6 +67,6 @@ def register_commands(add: AddFn) -> None:
         default="val",
         help="split to report when --data is a split CSV: train, val, test, holdout (val+test) or all (default val)",
     )
-    p.add_argument("--out", help="report folder (default: <model folder>/report)")
+    p.add_argument("--out", help="report folder (default: ./evaluation-<model>-<split>-<UTC time>)")
     p.add_argument("--compare", help="another model to evaluate on the same images (e.g. the baseline)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for AUC intervals")
