@@ -252,8 +252,8 @@ def _children(pid: int) -> dict[str, int]:
     return out
 
 
-def test_run_restarts_a_crashed_child_and_leaves_the_others_alone(sqlite_backend, tmp_path):
-    settings = sqlite_backend.settings(tmp_path)
+def _start_run(settings, tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`xray-triage run` in its own process group, its output in a log; returns once it says it is running."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
     log = tmp_path / "run.log"
@@ -262,6 +262,16 @@ def test_run_restarts_a_crashed_child_and_leaves_the_others_alone(sqlite_backend
                                 env=_env(), start_new_session=True)  # fmt: skip
     try:
         wait_for(lambda: "is running" in log.read_text(), timeout=180, what="run to say it is running")
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc, log
+
+
+def test_run_restarts_a_crashed_child_and_leaves_the_others_alone(sqlite_backend, tmp_path):
+    settings = sqlite_backend.settings(tmp_path)
+    proc, log = _start_run(settings, tmp_path)
+    try:
         before = wait_for(lambda: c if len(c := _children(proc.pid)) == 3 else None, timeout=30, what="3 children")
         os.kill(before["listen"], signal.SIGKILL)
         wait_for(lambda: "restarting the DICOM listener" in log.read_text(), timeout=60, what="the restart")
@@ -305,14 +315,8 @@ def test_listen_on_a_database_that_was_never_migrated_says_to_run_db_upgrade(tmp
 
 def test_run_migrates_the_embedded_database_by_itself_and_says_so(sqlite_backend, tmp_path):
     settings = sqlite_backend.settings(tmp_path, database={"url": f"sqlite:///{tmp_path / 'never-upgraded.db'}"})
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
-    log = tmp_path / "run.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*CLI, "--config", str(config), "run"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env=_env(), start_new_session=True)  # fmt: skip
+    proc, log = _start_run(settings, tmp_path)
     try:
-        wait_for(lambda: "is running" in log.read_text(), timeout=180, what="run to say it is running")
         assert "migrated the embedded database (was empty)" in log.read_text()
         assert (
             storescu(settings.listener.port, [shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")]).returncode
