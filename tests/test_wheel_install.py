@@ -10,6 +10,7 @@ every project module is imported from the wheel (asserted).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,8 +43,13 @@ REQUIRED = [
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # setuptools leaves build/ in the source tree, and a stale build/lib would slip removed modules
+    # into later wheels: build from a copy of the source, as a release build from a clean tree would.
+    source = tmp_path_factory.mktemp("source") / "xray-triage"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "var", "test-artifacts")
+    shutil.copytree(REPO, source, ignore=skip)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(out), "-q"],
         check=True,
         cwd=out,
         capture_output=True,
