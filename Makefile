@@ -18,9 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 ## run: the listener, the hand-off and a worker on the embedded SQLite database and broker
+# The shipped config's relative paths (var/...) are meant from the checkout, not from config/.
 run: $(STAMP)
-	$(VENV)/bin/xray-triage db upgrade
-	$(VENV)/bin/xray-triage run
+	XRAY_TRIAGE_HOME=$(CURDIR) $(VENV)/bin/xray-triage db upgrade
+	XRAY_TRIAGE_HOME=$(CURDIR) $(VENV)/bin/xray-triage run
 
 ## system-deps: Debian packages the tests talk to (installed only where absent; needs root)
 system-deps:

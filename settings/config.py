@@ -20,6 +20,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 CONFIG_ENV = "XRAY_TRIAGE_CONFIG"
 ENV_PREFIX = "XRAY_TRIAGE_"
+# The data folder (spool, databases, heatmaps): $XRAY_TRIAGE_VAR, else var/ under $XRAY_TRIAGE_HOME,
+# else var/ under the configuration file's folder (or the working folder without a file).
+HOME_ENV = "XRAY_TRIAGE_HOME"
 DEFAULT_VAR_DIR = Path(os.environ.get("XRAY_TRIAGE_VAR", "var"))
 
 # Storage SOP classes the listener can accept.  Keys are the short names IT staff
@@ -437,9 +440,54 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: dict[str,
         data = loaded
     data = _merge(data, _env_overrides(environ))
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
+    home = environ.get(HOME_ENV)
+    base = Path(home) if home else (Path(path).resolve().parent if path else None)
+    return resolve_paths(settings, base) if base is not None else settings
+
+
+def _anchored(value: Path, base: Path) -> Path:
+    return value if value.is_absolute() else base / value
+
+
+def _anchored_sqlite(url: str, base: Path) -> str:
+    """A SQLite URL's relative file path against `base` (``sqlite:///var/x.db``; four slashes are absolute)."""
+    for scheme in ("sqlite:///", "sqla+sqlite:///"):
+        if url.startswith(scheme):
+            rest = url[len(scheme) :]
+            if rest and not rest.startswith("/") and not rest.startswith(":memory:"):
+                return scheme + str(base / rest)
+    return url
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Every relative path in the settings, anchored at `base` (XRAY_TRIAGE_HOME, else the config
+    file's folder): the same file then means the same folders whatever the working folder, and
+    ``status`` run from elsewhere neither fails nor leaves a stray ``var/``."""
+    tls = settings.listener.tls
+    if tls is not None:
+        tls = tls.model_copy(
+            update={
+                "cert_file": _anchored(tls.cert_file, base),
+                "key_file": _anchored(tls.key_file, base),
+                "ca_file": _anchored(tls.ca_file, base) if tls.ca_file else None,
+            }
+        )
+    model_path = settings.model.path
+    if model_path and not Path(model_path).is_absolute() and (base / model_path).exists():
+        model_path = str(base / model_path)  # a model folder beside the config; else a registry name
+    return settings.model_copy(
+        update={
+            "listener": settings.listener.model_copy(update={"tls": tls}),
+            "storage": settings.storage.model_copy(update={"spool_dir": _anchored(settings.storage.spool_dir, base)}),
+            "database": settings.database.model_copy(update={"url": _anchored_sqlite(settings.database.url, base)}),
+            "broker": settings.broker.model_copy(update={"url": _anchored_sqlite(settings.broker.url, base)}),
+            "worker": settings.worker.model_copy(update={"heatmap_dir": _anchored(settings.worker.heatmap_dir, base)}),
+            "model": settings.model.model_copy(update={"path": model_path}),
+        }
+    )
 
 
 _SECRET_RE = re.compile(r"(://[^:/@]*:)([^@]*)(@)")

@@ -92,3 +92,29 @@ def test_a_misspelt_finding_in_a_threshold_map_stops_the_cli_naming_the_key(tmp_
     assert result.returncode == 2
     assert f"triage.{key}: unknown finding pneumnia" in result.stderr and "pneumonia" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_relative_paths_in_a_config_file_resolve_against_its_folder_from_any_working_folder(tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    site.mkdir()
+    elsewhere.mkdir()
+    config = site / "xray-triage.yaml"
+    config.write_text("storage:\n  spool_dir: data/spool\ndatabase:\n  url: sqlite:///data/x.db\n")
+    settings = load_settings(config, environ={})
+    assert settings.storage.spool_dir == site / "data/spool"
+    assert settings.database.url == f"sqlite:///{site / 'data/x.db'}"
+    assert settings.worker.heatmap_dir == site / "var/heatmaps"  # defaults too: one data folder per site
+    home = load_settings(config, environ={"XRAY_TRIAGE_HOME": str(tmp_path / "home")})
+    assert home.storage.spool_dir == tmp_path / "home/data/spool"
+
+    cli = [sys.executable, "-m", "xray_triage.cli", "--config", str(config)]
+    for args in (["db", "upgrade"], ["status", "--json"]):
+        env = {k: v for k, v in os.environ.items() if k not in ("XRAY_TRIAGE_HOME", "XRAY_TRIAGE_VAR")}
+        result = subprocess.run([*cli, *args], cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+    assert (site / "data/x.db").is_file()
+    assert list(elsewhere.iterdir()) == []  # nothing written where the command was run
