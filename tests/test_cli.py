@@ -327,3 +327,20 @@ def test_run_migrates_the_embedded_database_by_itself_and_says_so(sqlite_backend
         proc.wait(timeout=60)
     assert proc.returncode == 0
     assert "no such table" not in log.read_text()
+
+
+def test_children_of_run_die_with_it_even_on_kill_9(sqlite_backend, tmp_path):
+    settings = sqlite_backend.settings(tmp_path)
+    proc, _log = _start_run(settings, tmp_path)
+    children = wait_for(lambda: c if len(c := _children(proc.pid)) == 3 else None, timeout=30, what="3 children")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    wait_for(lambda: all(gone(pid) for pid in children.values()), timeout=60, what="the orphaned children to stop")
+    assert echoscu(settings.listener.port).returncode != 0

@@ -97,9 +97,17 @@ class Child:
     restart_at: float | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv)
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.started_at = time.monotonic()
         self.restart_at = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when `run` itself dies, even by kill -9 (prctl
+    PR_SET_PDEATHSIG), so a killed supervisor never leaves a listener holding the port."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def restart_delay(failures: int) -> float:
