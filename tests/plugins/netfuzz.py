@@ -165,7 +165,7 @@ class Outcome:
     bad_success: bool = False
 
 
-def _store_case(rng: random.Random, port: int, seed: Seed, data: bytes | None, ts: str, cmd: dict[int, bytes]) -> str:
+def _store_case(port: int, seed: Seed, data: bytes | None, ts: str, cmd: dict[int, bytes]) -> str:
     a = rawdicom.RawAssociation(port, timeout=10)
     try:
         if not a.associate([(seed.sop_class, [ts])]) or not a.accepted:
@@ -183,7 +183,7 @@ def case_dataset(rng: random.Random, port: int, seeds: list[Seed]) -> Outcome:
     seed = rng.choice(seeds)
     data = seed.data if rng.random() < 0.1 else mutate(rng, seed.data)
     cmd = rawdicom.store_command(seed.sop_class, seed.sop_instance, rng.randrange(1, 65535))
-    reply = _store_case(rng, port, seed, data, seed.transfer_syntax, cmd)
+    reply = _store_case(port, seed, data, seed.transfer_syntax, cmd)
     return Outcome("dataset", reply, reply == "status:0x0000" and not complete(data, seed.transfer_syntax))
 
 
@@ -198,7 +198,7 @@ def case_deflated(rng: random.Random, port: int, seeds: list[Seed]) -> Outcome:
     else:
         data = mutate(rng, _deflate(seed.data))
     cmd = rawdicom.store_command(seed.sop_class, seed.sop_instance, rng.randrange(1, 65535))
-    reply = _store_case(rng, port, seed, data, rawdicom.DEFLATED, cmd)
+    reply = _store_case(port, seed, data, rawdicom.DEFLATED, cmd)
     return Outcome("deflated", reply, reply == "status:0x0000" and not complete(data, rawdicom.DEFLATED))
 
 
@@ -231,7 +231,7 @@ def case_command(rng: random.Random, port: int, seeds: list[Seed]) -> Outcome:
     data = seed.data if rng.random() < 0.7 else None
     if data is None:
         cmd[0x00000800] = rawdicom.us(0x0101)
-    reply = _store_case(rng, port, seed, data, seed.transfer_syntax, cmd)
+    reply = _store_case(port, seed, data, seed.transfer_syntax, cmd)
     # Success needs the real UIDs: a command changed away from them must never be acknowledged.
     changed = cmd.get(0x00000002) != seed.sop_class.encode() or cmd.get(0x00001000) != seed.sop_instance.encode()
     return Outcome("command", reply, reply == "status:0x0000" and (changed or data is None))
