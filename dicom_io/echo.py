@@ -25,6 +25,8 @@ class ListenerDown(RuntimeError):
 
 
 def probe_address(cfg: ListenerConfig) -> tuple[str, int]:
+    if cfg.probe_host:
+        return cfg.probe_host, cfg.port
     host = cfg.bind_address if cfg.bind_address not in ("0.0.0.0", "::", "") else "127.0.0.1"
     return host, cfg.port
 

@@ -14,6 +14,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -98,6 +99,13 @@ class ListenerConfig(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 11112
     # None: any calling AE is accepted (a warning is printed at start-up).
     allowed_callers: list[AllowedCaller] | None = None
+    # A deployment reachable from the hospital network sets this: start-up then refuses a
+    # listener without `allowed_callers` instead of only warning (the container profile does).
+    require_allowed_callers: bool = False
+    # Where other processes (the web app's /healthz, `run`) reach the listener; default: its
+    # bind address, or 127.0.0.1 when bound to every interface.  In a container deployment the
+    # web app's container names the listener's service here.
+    probe_host: str | None = None
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 10
     # Maximum PDU we are willing to receive; 0 means unlimited (fewer, larger PDUs are faster).
     max_pdu: Annotated[int, Field(ge=0)] = 262144
@@ -111,6 +119,15 @@ class ListenerConfig(_Section):
     association_deadline_s: Annotated[float, Field(gt=0, le=300)] = 20.0
     # When set, the listener's port speaks DICOM TLS only.
     tls: ListenerTlsConfig | None = None
+
+    @model_validator(mode="after")
+    def _callers_required(self) -> ListenerConfig:
+        if self.require_allowed_callers and not self.allowed_callers:
+            raise ValueError(
+                "allowed_callers is required (require_allowed_callers is set): list the calling AE titles,"
+                ' e.g. XRAY_TRIAGE_LISTENER__ALLOWED_CALLERS=\'[{"ae_title": "PACS"}]\''
+            )
+        return self
 
     @field_validator("max_pdu")
     @classmethod
@@ -149,6 +166,21 @@ class StorageConfig(_Section):
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
 
 
+# Passwords that example files and tutorials ship with.  A deployment still using one has an
+# account anyone can guess, so start-up refuses it rather than warn.
+PLACEHOLDER_PASSWORDS = frozenset({"change-me", "changeme", "change_me", "password", "secret"})
+
+
+def _no_placeholder_password(url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url
+    if password is not None and unquote(password).lower() in PLACEHOLDER_PASSWORDS:
+        raise ValueError(f"uses the placeholder password {unquote(password)!r}: set a real one (see .env.example)")
+    return url
+
+
 class DatabaseConfig(_Section):
     url: str = f"sqlite:///{DEFAULT_VAR_DIR / 'xray-triage.db'}"
 
@@ -159,7 +191,7 @@ class DatabaseConfig(_Section):
             raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
         if v.startswith("postgresql://"):
             v = "postgresql+psycopg://" + v[len("postgresql://") :]
-        return v
+        return _no_placeholder_password(v)
 
 
 class BrokerConfig(_Section):
@@ -171,7 +203,7 @@ class BrokerConfig(_Section):
     def _url(cls, v: str) -> str:
         if not re.match(r"^(sqla\+sqlite|sqla\+postgresql(\+\w+)?|redis|rediss|memory)://", v):
             raise ValueError("must be redis://host:port/db or the embedded sqla+sqlite:///path")
-        return v
+        return _no_placeholder_password(v)
 
 
 class QueuesConfig(_Section):

@@ -113,6 +113,10 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
         health = wait_for(lambda: _get(f"{web}/healthz"), timeout=120, what="the web app started by run")
         assert set(json.loads(health)["checks"]) == {"listener", "database", "broker", "workers"}
         assert json.loads(health)["checks"]["listener"]["ok"] is True
+        # The container healthchecks' command: a C-ECHO, and /healthz (200 once the worker reports).
+        probe = _health(config, "listener")
+        assert (probe.returncode, probe.stdout.strip()) == (0, "listener: C-ECHO success")
+        wait_for(lambda: _health(config, "web").returncode == 0, timeout=180, what="health web to pass")
     finally:
         # Ctrl-C in a terminal reaches the whole process group.
         os.killpg(proc.pid, signal.SIGINT)
@@ -122,6 +126,14 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
     assert " ERROR " not in (tmp_path / "run.err").read_text()  # a normal Ctrl-C is no error
     assert echoscu(settings.listener.port).returncode != 0  # the listener child is gone too
     assert _get(f"http://127.0.0.1:{settings.web.port}/healthz") is None  # and the web app
+    for service, reason in (("listener", "no DICOM association"), ("web", "nothing answers http://127.0.0.1")):
+        probe = _health(config, service)
+        assert probe.returncode == 1 and probe.stderr.startswith(f"{service}: down: {reason}"), probe.stderr
+
+
+def _health(config: Path, service: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "--config", str(config), "health", service], capture_output=True, text=True,
+                          env=_env(), timeout=60)  # fmt: skip
 
 
 def _get(url: str) -> str | None:

@@ -67,6 +67,24 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when the service answers as it should: the container healthchecks run this."""
+    from xray_triage import probes
+
+    try:
+        if args.service == "listener":
+            print(f"listener: {probes.listener(settings.listener)}")
+            return 0
+        status, report = probes.web_health(settings.web)
+    except probes.ServiceDown as exc:
+        print(f"{args.service}: down: {exc}", file=sys.stderr)
+        return 1
+    failing = [f"{name}: {check.get('error')}" for name, check in report["checks"].items()
+               if isinstance(check, dict) and not check.get("ok")]  # fmt: skip
+    print(f"web: HTTP {status}" + "".join(f"\n  {line}" for line in failing))
+    return 0 if status == 200 else 1
+
+
 def _require_schema(settings: Settings, *, migrate_embedded: bool = False) -> int | None:
     """None when the database schema is current (migrating the embedded SQLite default if asked);
     else an exit status after one line that says what to do.  A database that cannot be reached
@@ -257,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
         p.set_defaults(func=func)
 
+    p = add("health", cmd_health, "probe a running service (exit 0 when healthy): container healthchecks")
+    p.add_argument("service", choices=["listener", "web"], help="listener: a C-ECHO; web: GET /healthz")
     p = add("status", cmd_status, "studies per state and queue depth")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

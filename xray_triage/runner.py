@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from settings import Settings
-from settings.config import ListenerConfig
 
 log = logging.getLogger("xray_triage.runner")
 
@@ -115,34 +114,13 @@ def restart_delay(failures: int) -> float:
     return float(min(RESTART_MAX_S, 2 ** max(0, failures - 1)))
 
 
-def _listener_answers(cfg: ListenerConfig) -> bool:
-    from dicom_io.echo import ListenerDown, echo_listener
+def _answers(probe: Callable[[], object]) -> bool:
+    from xray_triage.probes import ServiceDown
 
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # this process only supervises
     try:
-        echo_listener(cfg, timeout_s=5.0)
+        probe()
         return True
-    except (ListenerDown, OSError):
-        return False
-
-
-def _web_answers(host: str, port: int) -> bool:
-    """The worklist app answers /healthz (any status: it is 503 until a worker reports)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    target = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
-    try:
-        with urllib.request.urlopen(f"http://{target}:{port}/healthz", timeout=2) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-    except (OSError, ValueError):
-        return False
-    try:
-        return "checks" in json.loads(body)
-    except ValueError:
+    except ServiceDown:
         return False
 
 
@@ -175,7 +153,9 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
     try:
 
         def up() -> bool:
-            return _listener_answers(cfg) and _web_answers(web.bind_address, web.port)
+            from xray_triage import probes
+
+            return _answers(lambda: probes.listener(cfg)) and _answers(lambda: probes.web_health(web, timeout_s=2.0))
 
         code = _wait_until_up(children, up, lambda: terminated)
         if code is not None:
