@@ -99,12 +99,18 @@ def dataset_bytes(data: bytes) -> bytes:
 
 
 def storescu(
-    port: int, files: list[Path], *, aec: str = AE_TITLE, aet: str = "STORESCU", extra: tuple[str, ...] = ()
+    port: int,
+    files: list[Path],
+    *,
+    aec: str = AE_TITLE,
+    aet: str = "STORESCU",
+    extra: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
 ) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu, proposing the files' own transfer syntax (all files must share it)."""
     options = {STORESCU_TS_OPTION.get(transfer_syntax_of(f), "-xe") for f in files}
     assert len(options) == 1, "send files of one transfer syntax per storescu call"
-    cmd = ["storescu", "-d", "-aet", aet, "-aec", aec, *options, *extra, "127.0.0.1", str(port), *map(str, files)]
+    cmd = ["storescu", "-d", "-aet", aet, "-aec", aec, *options, *extra, host, str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -314,8 +320,9 @@ def log_text(caplog: pytest.LogCaptureFixture) -> Callable[[], str]:
 class TcpProxy:
     """Loopback TCP forwarder that can be cut (listening socket closed, live connections reset) and restored."""
 
-    def __init__(self, target: tuple[str, int], record: bool = False) -> None:
+    def __init__(self, target: tuple[str, int], record: bool = False, host: str = "127.0.0.1") -> None:
         self.target = target
+        self.host = host
         self.port = free_port()
         # Bytes the clients sent, in order, when recording (one client at a time).
         self.recorded = bytearray() if record else None
@@ -327,7 +334,7 @@ class TcpProxy:
     def open(self) -> None:
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", self.port))
+        srv.bind((self.host, self.port))
         srv.listen(64)
         self._server = srv
         threading.Thread(target=self._accept, args=(srv,), daemon=True).start()
