@@ -288,7 +288,8 @@ class WorkerConfig(_Section):
     dead_worker_after_s: Annotated[float, Field(gt=0)] = 45.0
     # Heartbeat rows of workers silent this long are deleted (the admin page forgets them).
     heartbeat_expire_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
-    sweep_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    # Often enough that a dead worker's study is re-queued within about a minute (45 s + 10 s).
+    sweep_interval_s: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ModelConfig(_Section):
