@@ -115,6 +115,10 @@ class Study(Base):
 
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When an association that delivered instances of it was released (A-RELEASE): the sender
+    # says it is done, so the hand-off need not wait out the stability window.  Only counts
+    # while no instance arrived after it.
+    released_at: Mapped[datetime | None] = mapped_column()
     state: Mapped[StudyState] = mapped_column(String(16), default=StudyState.RECEIVING)
     state_reason: Mapped[str | None] = mapped_column(Text)
     state_changed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,7 +13,7 @@ import enum
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -328,6 +328,18 @@ def record_instance(
     session.flush()
     _reopen_study(session, study.id, now)
     return IngestResult(Outcome.NEW_VERSION if version > 1 else Outcome.STORED, header.study_uid, version)
+
+
+def mark_released(session: Session, study_uids: Iterable[str], now: datetime) -> int:
+    """The association that sent these studies' instances was released: they are complete
+    from that sender's side.  Only studies still receiving are touched; returns how many."""
+    uids = sorted(set(study_uids))
+    if not uids:
+        return 0
+    result = session.execute(
+        update(Study).where(Study.study_uid.in_(uids), Study.state == StudyState.RECEIVING).values(released_at=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def record_with_retry(

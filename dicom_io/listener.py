@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -29,12 +30,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.session import make_engine, make_sessionmaker
+from db.models import utcnow
+from db.session import make_engine, make_sessionmaker, session_scope
 from dicom_io import association_guard, commands
 from dicom_io.ingest import (
     IdentifierConflictError,
     MalformedDatasetError,
     Outcome,
+    mark_released,
     read_received_file,
     record_with_retry,
 )
@@ -182,6 +185,11 @@ class StorageSCP:
         self.settings = settings
         self.spool = spool
         self.factory = factory
+        # Studies each open association delivered instances of, until it ends.
+        self._studies: dict[int, set[str]] = {}
+        self._studies_lock = threading.Lock()
+        # Called after a release was recorded (the shell wires the hand-off here).
+        self.on_released: Callable[[], None] | None = None
 
     @staticmethod
     def _caller(event: evt.Event) -> Caller:
@@ -221,6 +229,32 @@ class StorageSCP:
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
+
+    def handle_released(self, event: evt.Event) -> None:
+        """EVT_RELEASED: the sender ended the association normally, so the studies it sent are
+        complete from its side; record that and wake the hand-off.  An aborted association
+        records nothing: its studies wait out the stability window."""
+        with self._studies_lock:
+            studies = self._studies.pop(id(event.assoc), set())
+        if not studies:
+            return
+        try:
+            with session_scope(self.factory) as session:
+                mark_released(session, studies, utcnow())
+        except SQLAlchemyError as exc:  # the stability window still hands them off
+            log.warning("could not record the release of %d study(ies): %s", len(studies), _safe_error(exc))
+            return
+        if self.on_released is not None:
+            self.on_released()
+
+    def handle_closed(self, event: evt.Event) -> None:
+        """EVT_CONN_CLOSE: forget what an association delivered (aborted ones end here too)."""
+        with self._studies_lock:
+            self._studies.pop(id(event.assoc), None)
+
+    def _delivered(self, event: evt.Event, study_uid: str) -> None:
+        with self._studies_lock:
+            self._studies.setdefault(id(event.assoc), set()).add(study_uid)
 
     def handle_store(self, event: evt.Event) -> int | Dataset:
         """EVT_C_STORE: validate, spool durably, record, and only then answer success."""
@@ -265,7 +299,10 @@ class StorageSCP:
         except OSError as exc:
             log.error("instance %s: spool write failed: %s", sop_instance, _safe_error(exc))
             return _status(OUT_OF_RESOURCES if exc.errno == 28 else STORAGE_FAILED, "could not store the instance")
-        return self._record(caller, header, stored, transfer_syntax, started)
+        status = self._record(caller, header, stored, transfer_syntax, started)
+        if status == SUCCESS:
+            self._delivered(event, header.study_uid)
+        return status
 
     def _spool(
         self, staging_file: StagingFile | None, staged: Path, offset: int, header: Any, transfer_syntax: str
@@ -422,6 +459,8 @@ def start(settings: Settings) -> ListenerHandle:
         (evt.EVT_ACCEPTED, scp.handle_accepted),
         (evt.EVT_C_ECHO, scp.handle_echo),
         (evt.EVT_C_STORE, scp.handle_store),
+        (evt.EVT_RELEASED, scp.handle_released),
+        (evt.EVT_CONN_CLOSE, scp.handle_closed),
     ]
     cfg = settings.listener
     try:

@@ -220,7 +220,11 @@ class QueuesConfig(_Section):
 
 
 class HandoffConfig(_Section):
-    # A study is handed to the worker once no instance has arrived for this long.
+    # A study whose sending association was released (A-RELEASE) is queued this long after the
+    # release, unless another instance arrives meanwhile: the sender said it is done.
+    release_grace_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    # Otherwise (an aborted association, a sender still connected or one that splits a study
+    # across associations) a study is handed to the worker once no instance has arrived for this long.
     stability_window_s: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
     poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.5
 

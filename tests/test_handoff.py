@@ -23,7 +23,7 @@ from sqlalchemy import select
 from db.models import StateTransition, Study, StudyState, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
 from tests.conftest import REPO, pydicom_data_file, shared_file
-from tests.plugins.ingest import real_files, storescu, wait_for
+from tests.plugins.ingest import pynetdicom_store, real_files, storescu, wait_for
 from worker.handoff import Handoff, scan_once
 from worker.tasks import Claim, begin_processing, finish_study
 
@@ -65,14 +65,31 @@ def _uid(path: Path, keyword: str = "StudyInstanceUID") -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get(keyword))
 
 
+def _another_instance(source: Path, out: Path) -> Path:
+    """The same study, a new SOP Instance UID (a further image of it)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def _push_and_abort(port: int, path: Path) -> None:
+    """Send one file, then abort the association: the sender never says it is done."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    status = pynetdicom_store(port, path, ds.SOPClassUID, ds.file_meta.TransferSyntaxUID, abort=True)
+    assert status.Status == 0x0000
+
+
 def test_quiet_study_is_claimed_once_and_reopened_by_a_late_instance(backend, tmp_path, start_listener):
+    """Associations that end in an abort: the stability window decides."""
     settings = backend.settings(tmp_path)
     handle = start_listener(settings, with_handoff=False)
     first, later = pydicom_data_file("RG1_UNCR.dcm"), pydicom_data_file("RG1_J2KR.dcm")
     study_uid = _uid(first)
-    assert storescu(handle.port, [first]).returncode == 0
+    _push_and_abort(handle.port, first)
     factory, window, queues = _factory(settings.database.url), 5.0, settings.queues
     received = _study(settings.database.url, study_uid).last_instance_at
+    assert _study(settings.database.url, study_uid).released_at is None
     recorder = Recorder()
 
     assert scan_once(factory, recorder, window, queues, now=received + timedelta(seconds=4.9)) == []
@@ -80,7 +97,7 @@ def test_quiet_study_is_claimed_once_and_reopened_by_a_late_instance(backend, tm
     assert done == [Handoff(study_uid, 1, queues.routine)]
     assert scan_once(factory, recorder, window, queues, now=received + timedelta(seconds=60)) == []
 
-    assert storescu(handle.port, [later]).returncode == 0
+    _push_and_abort(handle.port, later)
     study = _study(settings.database.url, study_uid)
     assert study.state == StudyState.RECEIVING and study.handoff_generation == 1
     assert scan_once(factory, recorder, window, queues, now=study.last_instance_at + timedelta(seconds=1)) == []
@@ -93,6 +110,62 @@ def test_quiet_study_is_claimed_once_and_reopened_by_a_late_instance(backend, tm
         ("queued", "receiving", "new instance arrived while queued"),
         ("receiving", "queued", None),
     ]
+
+
+def test_a_released_association_hands_its_study_off_after_the_grace(backend, tmp_path, start_listener):
+    """One association, released: due `release_grace_s` after the release, not after the window."""
+    settings = backend.settings(tmp_path)
+    handle = start_listener(settings, with_handoff=False)
+    first = pydicom_data_file("RG1_UNCR.dcm")
+    study_uid = _uid(first)
+    assert storescu(handle.port, [first, _another_instance(first, tmp_path / "a1.dcm")]).returncode == 0
+    study = _study(settings.database.url, study_uid)
+    assert study.released_at is not None and study.released_at >= study.last_instance_at
+    factory, window, grace, queues = _factory(settings.database.url), 60.0, 0.5, settings.queues
+    recorder = Recorder()
+
+    def scan(at: timedelta) -> list[Handoff]:
+        return scan_once(factory, recorder, window, queues, now=study.released_at + at, grace_s=grace)
+
+    assert scan(timedelta(seconds=0.4)) == []
+    assert scan(timedelta(seconds=0.5)) == [Handoff(study_uid, 1, queues.routine)]
+
+    # A second association for the same study: the release of the first no longer counts (an
+    # instance arrived after it) until this one is released too; aborted, the window decides.
+    _push_and_abort(handle.port, _another_instance(first, tmp_path / "a2.dcm"))
+    reopened = _study(settings.database.url, study_uid)
+    assert reopened.state == StudyState.RECEIVING and reopened.released_at < reopened.last_instance_at
+    assert scan_once(factory, recorder, window, queues, now=reopened.last_instance_at + timedelta(seconds=5),
+                     grace_s=grace) == []  # fmt: skip
+    assert storescu(handle.port, [_another_instance(first, tmp_path / "a3.dcm")]).returncode == 0
+    released = _study(settings.database.url, study_uid)
+    assert released.released_at >= released.last_instance_at
+    later = scan_once(factory, recorder, window, queues, now=released.released_at + timedelta(seconds=0.5),
+                      grace_s=grace)  # fmt: skip
+    assert later == [Handoff(study_uid, 2, queues.routine)]
+
+
+def test_the_listener_wakes_the_hand_off_at_a_release(backend, tmp_path, start_listener):
+    """The running hand-off, with the stability window far away: a DCMTK push that ends in
+    A-RELEASE is queued once its grace has passed; one that ends in an abort waits the window."""
+    window = 8.0
+    settings = backend.settings(tmp_path, handoff={"stability_window_s": window, "release_grace_s": 0.5,
+                                                   "poll_interval_s": 5.0})  # fmt: skip
+    handle = start_listener(settings)
+    released_file = pydicom_data_file("RG1_UNCR.dcm")
+    aborted_file = shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")
+    assert storescu(handle.port, [released_file]).returncode == 0
+    _push_and_abort(handle.port, aborted_file)
+    url = settings.database.url
+    released = wait_for(lambda: (s := _study(url, _uid(released_file))).queued_at and s, timeout=120,
+                        what="the released study to be queued")  # fmt: skip
+    # Queued by the release: after its grace, before the window (or a 5 s poll) could have done it.
+    assert released.released_at + timedelta(seconds=0.5) <= released.queued_at
+    assert released.queued_at < released.last_instance_at + timedelta(seconds=window)
+    aborted = wait_for(lambda: (s := _study(url, _uid(aborted_file))).queued_at and s, timeout=120,
+                       what="the aborted study to be queued")  # fmt: skip
+    assert aborted.released_at is None
+    assert aborted.queued_at >= aborted.last_instance_at + timedelta(seconds=window)
 
 
 def test_failed_publish_rolls_back_and_is_retried(backend, tmp_path, start_listener):

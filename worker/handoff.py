@@ -1,6 +1,10 @@
-"""Hand quiet studies to the Celery queue: exactly once per stable state, never lost.
+"""Hand complete studies to the Celery queue: exactly once per stable state, never lost.
 
-A study is handed off when no instance has arrived for the stability window.  The claim is
+A study is complete when the association that sent its latest instance was released (the
+sender said it is done) and the short release grace has passed with nothing new; otherwise,
+when no instance has arrived for the stability window (aborted associations, senders that
+stay connected or split a study across associations).  The listener wakes the hand-off at a
+release, so the grace is all a released study waits.  The claim is
 one conditional UPDATE (receiving -> queued, generation + 1) so that of several listeners or
 threads scanning the same database exactly one wins.  The message is published *inside* the
 claiming transaction and the transaction commits only after the broker accepted it: if
@@ -17,9 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Study, StudyState, utcnow
@@ -45,13 +50,33 @@ def queue_for(requested_priority: str | None, queues: QueuesConfig, calling_ae: 
     return queues.urgent if is_urgent(requested_priority) else queues.routine
 
 
+@dataclass(frozen=True)
+class Cutoffs:
+    """A receiving study is due when quiet since `quiet`, or released by `released` with nothing after."""
+
+    quiet: datetime
+    released: datetime
+
+    @classmethod
+    def at(cls, now: datetime, window_s: float, grace_s: float) -> Cutoffs:
+        return cls(now - timedelta(seconds=window_s), now - timedelta(seconds=grace_s))
+
+    def due(self) -> ColumnElement[bool]:
+        released = and_(
+            Study.released_at.is_not(None),
+            Study.released_at >= Study.last_instance_at,
+            Study.released_at <= self.released,
+        )
+        return or_(Study.last_instance_at <= self.quiet, released)
+
+
 def due_studies(
-    session: Session, cutoff: datetime, limit: int = SCAN_BATCH
+    session: Session, cutoffs: Cutoffs, limit: int = SCAN_BATCH
 ) -> list[tuple[int, str, str | None, str | None]]:
-    """(id, Study UID, requested priority, calling AE) of studies quiet since `cutoff`, oldest first."""
+    """(id, Study UID, requested priority, calling AE) of studies due for hand-off, oldest first."""
     rows = session.execute(
         select(Study.id, Study.study_uid, Study.requested_priority, Study.calling_ae)
-        .where(Study.state == StudyState.RECEIVING, Study.last_instance_at <= cutoff)
+        .where(Study.state == StudyState.RECEIVING, cutoffs.due())
         .order_by(Study.last_instance_at)
         .limit(limit)
     ).all()
@@ -63,7 +88,7 @@ def claim_and_publish(
     study_id: int,
     study_uid: str,
     queue: str,
-    cutoff: datetime,
+    cutoffs: Cutoffs,
     now: datetime,
     publish: Publisher,
 ) -> Handoff | None:
@@ -78,7 +103,7 @@ def claim_and_publish(
             StudyState.RECEIVING,
             StudyState.QUEUED,
             now,
-            where=[Study.last_instance_at <= cutoff],
+            where=[cutoffs.due()],
             values={"handoff_generation": Study.handoff_generation + 1, "queued_at": now, "queue_name": queue},
         )
         if not won:
@@ -95,21 +120,23 @@ def scan_once(
     window_s: float,
     queues: QueuesConfig,
     now: datetime | None = None,
+    grace_s: float = 0.5,
 ) -> list[Handoff]:
-    """Hand off every study that has been quiet for `window_s`; returns what was published.
+    """Hand off every study quiet for `window_s`, or released `grace_s` ago with nothing since;
+    returns what was published.
 
     Stops at the first publish failure (the broker is probably down) and leaves the rest
     for the next scan.
     """
     now = now or utcnow()
-    cutoff = now - timedelta(seconds=window_s)
+    cutoffs = Cutoffs.at(now, window_s, grace_s)
     with factory() as session:
-        candidates = due_studies(session, cutoff)
+        candidates = due_studies(session, cutoffs)
     done: list[Handoff] = []
     for study_id, study_uid, priority, calling_ae in candidates:
         queue = queue_for(priority, queues, calling_ae)
         try:
-            handoff = claim_and_publish(factory, study_id, study_uid, queue, cutoff, now, publish)
+            handoff = claim_and_publish(factory, study_id, study_uid, queue, cutoffs, now, publish)
         except Exception as exc:  # noqa: BLE001 - broker or database down: roll back, retry next scan
             log.warning("hand-off of study %s failed, will retry: %s: %s", study_uid, type(exc).__name__, exc)
             break
@@ -120,7 +147,8 @@ def scan_once(
 
 
 class HandoffThread(threading.Thread):
-    """Runs scan_once every poll interval until stopped; survives database and broker outages."""
+    """Runs scan_once every poll interval, and at the end of each release's grace, until
+    stopped; survives database and broker outages."""
 
     def __init__(self, settings: Settings, factory: sessionmaker[Session], publish: Publisher) -> None:
         super().__init__(name="xray-triage-handoff", daemon=True)
@@ -128,13 +156,39 @@ class HandoffThread(threading.Thread):
         self.factory = factory
         self.publish = publish
         self._stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._scan_at: list[float] = []  # monotonic times at which a released study falls due
+
+    def released(self) -> None:
+        """An association was released: scan once its grace has passed (called by the listener)."""
+        with self._lock:
+            self._scan_at.append(time.monotonic() + self.settings.handoff.release_grace_s)
+        self._wake.set()
+
+    def _sleep(self) -> None:
+        """Until the next poll, or the end of the earliest pending grace if sooner."""
+        deadline = time.monotonic() + self.settings.handoff.poll_interval_s
+        while not self._stop_event.is_set():
+            with self._lock:
+                now = time.monotonic()
+                due = [t for t in self._scan_at if t <= now]
+                self._scan_at = [t for t in self._scan_at if t > now]
+                until = min([deadline, *self._scan_at])
+            if due or now >= deadline:
+                return
+            self._wake.wait(until - now)
+            self._wake.clear()
 
     def run(self) -> None:
         cfg = self.settings.handoff
         next_sweep = 0.0
         while not self._stop_event.is_set():
             try:
-                scan_once(self.factory, self.publish, cfg.stability_window_s, self.settings.queues)
+                scan_once(
+                    self.factory, self.publish, cfg.stability_window_s, self.settings.queues,
+                    grace_s=cfg.release_grace_s,
+                )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - e.g. database unreachable; keep scanning
                 log.warning("hand-off scan failed, will retry: %s: %s", type(exc).__name__, exc)
             # The sweeper lives here so that every process that receives studies also rescues them.
@@ -144,8 +198,9 @@ class HandoffThread(threading.Thread):
                     sweep_once(self.factory, self.publish, self.settings)
                 except Exception as exc:  # noqa: BLE001 - same: keep sweeping
                     log.warning("sweep failed, will retry: %s: %s", type(exc).__name__, exc)
-            self._stop_event.wait(cfg.poll_interval_s)
+            self._sleep()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop_event.set()
+        self._wake.set()
         self.join(timeout)

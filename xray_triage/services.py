@@ -57,6 +57,7 @@ def start_intake(settings: Settings, *, with_handoff: bool = True) -> Intake:
             factory = make_sessionmaker(listener.engine)
             handoff = HandoffThread(settings, factory, celery_publisher(make_celery(settings)))
             handoff.start()
+            listener.scp.on_released = handoff.released  # a released study is due after its grace
         except BaseException:
             listener.stop()
             raise

@@ -125,8 +125,11 @@ def echoscu(port: int, *, aec: str = AE_TITLE, aet: str = "ECHOSCU") -> subproce
     )
 
 
-def pynetdicom_store(port: int, path: Path, sop_class: str, transfer_syntax: str, aet: str = "PYSCU") -> Any:
-    """Send a file's dataset bytes exactly as they are on disk (pynetdicom streams them unparsed)."""
+def pynetdicom_store(
+    port: int, path: Path, sop_class: str, transfer_syntax: str, aet: str = "PYSCU", abort: bool = False
+) -> Any:
+    """Send a file's dataset bytes exactly as they are on disk (pynetdicom streams them unparsed);
+    then release the association, or abort it (a sender that crashed or gave up)."""
     from pynetdicom import AE, _config
 
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -137,7 +140,7 @@ def pynetdicom_store(port: int, path: Path, sop_class: str, transfer_syntax: str
     try:
         return assoc.send_c_store(path)
     finally:
-        assoc.release()
+        assoc.abort() if abort else assoc.release()
 
 
 # --------------------------------------------------------------------------- queued messages
