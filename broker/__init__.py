@@ -20,9 +20,15 @@ PROCESS_STUDY_TASK = "xray_triage.process_study"
 
 def make_celery(settings: Settings) -> Celery:
     url = settings.broker.url
+    transport = None
     if url.startswith("sqla+sqlite:///"):
         Path(url.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        # The same transport with a shorter poll (broker.sqlite_transport); kombu takes the
+        # transport from a "sqla+" prefix, so the URL goes without it and names the class instead.
+        url, transport = url.removeprefix("sqla+"), "broker.sqlite_transport:Transport"
     app = Celery("xray_triage", broker=url, set_as_current=False)
+    if transport is not None:
+        app.conf.broker_transport = transport
     exchange = Exchange("xray-triage", type="direct", durable=True)
     app.conf.update(
         task_queues=[
@@ -47,10 +53,10 @@ def make_celery(settings: Settings) -> Celery:
         # reports UP; celery's default 4 s would kill it as hung on a busy machine, forever.
         worker_proc_alive_timeout=300.0,
     )
-    if url.startswith("sqla+"):
+    if settings.broker.url.startswith("sqla+"):
         # kombu's SQL transport hands every transport option to sqlalchemy.create_engine(), which
-        # rejects unknown ones (visibility_timeout, polling_interval), so it gets none; it then
-        # polls once a second, fast enough for a hand-off that already waits a stability window.
+        # rejects unknown ones (visibility_timeout, polling_interval), so it gets none; its poll
+        # interval comes from broker.sqlite_transport instead.
         app.conf.broker_transport_options = {}
     return app
 
