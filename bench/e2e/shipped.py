@@ -140,8 +140,10 @@ def main(studies: int = 30, gap_s: float = 1.0) -> dict[str, Any]:
                     time.sleep(gap_s)
                 p50, p95 = statistics.median(latencies), _p95(latencies)
                 goal = GOALS_P95_S[name]
-                results["encodings"][name] = {"studies": studies, "p50_s": p50, "p95_s": p95, "max_s": max(latencies),
-                                              "goal_p95_s": goal, "met": p95 <= goal, "states": sorted(states)}  # fmt: skip
+                results["encodings"][name] = {
+                    "studies": studies, "p50_s": p50, "p95_s": p95, "max_s": max(latencies),
+                    "goal_p95_s": goal, "met": p95 <= goal, "states": sorted(states),
+                }  # fmt: skip
                 print(f"  {name:<22} association end -> priority: p50 {p50:.2f} s, p95 {p95:.2f} s "
                       f"(max {max(latencies):.2f} s, {studies} studies; goal p95 <= {goal} s: "
                       f"{'met' if p95 <= goal else 'NOT met'}); states {sorted(states)}", flush=True)  # fmt: skip
