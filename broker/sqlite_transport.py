@@ -14,5 +14,5 @@ from kombu.transport import sqlalchemy as sqla
 POLL_INTERVAL_S = 0.1
 
 
-class Transport(sqla.Transport):  # type: ignore[misc]  # kombu is untyped
+class Transport(sqla.Transport):
     polling_interval = POLL_INTERVAL_S
