@@ -4,7 +4,9 @@ Files: a 2500x2048 16-bit uncompressed DX For Presentation (built from the real 
 resampled and inverted to MONOCHROME2, no window: the percentile window runs), the RG1
 JPEG 2000 lossless CR, and the SIIM JPEG baseline CR.  Baselines, same run, interleaved:
 ``dcmread(path).pixel_array`` (what a naive loader does) and ``pixel_array`` alone on an
-already-parsed dataset.  Goal: full path <= 1.3x bare decode, < 150 ms for the DX.
+already-parsed dataset.  Goals: full path <= 1.3x the bare decode for the uncompressed DX;
+<= 0.6x the bare *full* decode for JPEG 2000 and JPEG, whose model path decodes only the
+resolution the model needs (dicom_io.reduced).
 """
 
 from __future__ import annotations
@@ -83,20 +85,22 @@ def main() -> dict:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {
-            "dx_2500x2048_16bit_uncompressed": (build_dx(Path(tmp) / "dx.dcm"), 40),
-            "rg1_cr_jpeg2000_lossless": (Path(get_testdata_file("RG1_J2KR.dcm")), 7),
-            "siim_cr_jpeg_baseline": (SIIM, 30),
+            "dx_2500x2048_16bit_uncompressed": (build_dx(Path(tmp) / "dx.dcm"), 40, 1.3),
+            "rg1_cr_jpeg2000_lossless": (Path(get_testdata_file("RG1_J2KR.dcm")), 7, 0.6),
+            "siim_cr_jpeg_baseline": (SIIM, 30, 0.6),
         }
-        for name, (path, repeats) in files.items():
+        for name, (path, repeats, goal) in files.items():
             if not path.exists():
                 print(f"{name}: {path} not found, skipped")
                 continue
             results[name] = measure(path, repeats)
             r = results[name]
+            r["goal_ratio_vs_bare"], r["met"] = goal, r["ratio_vs_bare"] <= goal
             print(
                 f"{name:34s} full {r['full_path_ms']:8.2f} ms | dcmread+pixel_array {r['bare_decode_ms']:8.2f} ms"
                 f" (x{r['ratio_vs_bare']}) | pixel_array alone {r['pixel_array_only_ms']:8.2f} ms"
-                f" (x{r['ratio_vs_pixel_array_only']})",
+                f" (x{r['ratio_vs_pixel_array_only']}) | goal x{goal} vs dcmread+pixel_array:"
+                f" {'met' if r['met'] else 'NOT met'}",
                 flush=True,
             )
     return results

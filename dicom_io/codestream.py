@@ -9,6 +9,7 @@ few microseconds and lets the size limits apply to what will really be allocated
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 ITEM_TAG = b"\xfe\xff\x00\xe0"
 # Start-of-frame markers: baseline, extended, progressive, lossless (+ arithmetic), JPEG-LS.
@@ -62,6 +63,33 @@ def j2k_size(data: bytes) -> tuple[int, int] | None:
         return None
     xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", data, at + 8)
     return ysiz - yo, xsiz - xo
+
+
+@dataclass(frozen=True)
+class J2kCoding:
+    """What a JPEG 2000 codestream's main header says about decoding it at reduced resolution."""
+
+    components: int
+    precision: int  # bits of the first component
+    signed: bool
+    levels: int  # wavelet decomposition levels (COD): resolutions 1/2 ... 1/2**levels exist
+
+
+def j2k_coding(data: bytes) -> J2kCoding | None:
+    """SIZ and COD of a JPEG 2000 main header (raw codestream or in JP2), or None."""
+    at = data.find(J2K_SOC_SIZ, 0, 4096)
+    if at < 0 or at + 43 > len(data):
+        return None
+    (lsiz,) = struct.unpack_from(">H", data, at + 4)
+    (components,) = struct.unpack_from(">H", data, at + 40)
+    ssiz = data[at + 42]
+    pos = at + 4 + lsiz  # the marker segments after SIZ, up to the first tile (SOT)
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0x90:
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if data[pos + 1] == 0x52 and pos + 13 <= len(data):  # COD: Scod, SGcod (4), SPcod[0] = levels
+            return J2kCoding(components, (ssiz & 0x7F) + 1, bool(ssiz & 0x80), data[pos + 9])
+        pos += 2 + length
+    return None
 
 
 def codestream_size(pixel_data: bytes) -> tuple[int, int] | None:

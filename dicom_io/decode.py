@@ -36,6 +36,7 @@ from dicom_io.errors import (
     UnsupportedTransferSyntax,
 )
 from dicom_io.inflate import InflateError, dcmread_bounded
+from dicom_io.reduced import reduced_frame
 from settings import PixelsConfig
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Dataset
@@ -63,6 +64,16 @@ class Decoded:
     signed: bool
     header: Dataset | None
     transfer_syntax: str | None
+    # 1, or 2, 4, 8 ...: `array` is that many times smaller per side than the image (dicom_io.reduced).
+    reduction: int = 1
+    reduction_method: str | None = None
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the image itself, whatever resolution was decoded."""
+        if self.header is not None and self.reduction > 1:
+            return int(self.header.Rows), int(self.header.Columns)
+        return int(self.array.shape[0]), int(self.array.shape[1])
 
 
 def _as_bytes(source: Source) -> bytes:
@@ -80,11 +91,16 @@ def _as_bytes(source: Source) -> bytes:
         raise NotAnImage(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def decode(source: Source, limits: PixelsConfig | None = None) -> Decoded:
-    """Sniff the format by its signature and decode the first frame."""
+def decode(source: Source, limits: PixelsConfig | None = None, at_least: int | None = None) -> Decoded:
+    """Sniff the format by its signature and decode the first frame.
+
+    ``at_least``: the caller needs no more than this many pixels along the longer side, so a
+    JPEG 2000 or JPEG DICOM frame may be decoded at a reduced resolution (dicom_io.reduced).
+    PNG and JPEG files are always decoded in full.
+    """
     limits = limits or PixelsConfig()
     if isinstance(source, Dataset):
-        return decode_dataset(source, limits)
+        return decode_dataset(source, limits, at_least)
     if isinstance(source, str | os.PathLike):
         path = Path(os.fspath(source))
         try:
@@ -94,13 +110,13 @@ def decode(source: Source, limits: PixelsConfig | None = None) -> Decoded:
             raise NotAnImage(f"cannot read {path}: {exc.strerror or exc}") from None
         if not head.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
             # pydicom reads the file itself: one copy of Pixel Data instead of two.
-            return decode_dataset(read_dataset(path, limits.max_pixel_bytes), limits)
+            return decode_dataset(read_dataset(path, limits.max_pixel_bytes), limits, at_least)
     data = _as_bytes(source)
     if data.startswith(PNG_SIGNATURE):
         return _decode_pillow(data, "png", limits)
     if data.startswith(JPEG_SIGNATURE):
         return _decode_pillow(data, "jpeg", limits)
-    return decode_dataset(read_dataset(data, limits.max_pixel_bytes), limits)
+    return decode_dataset(read_dataset(data, limits.max_pixel_bytes), limits, at_least)
 
 
 def read_dataset(data: bytes | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> Dataset:
@@ -172,7 +188,7 @@ def _check_limits(rows: int, cols: int, samples: int, bytes_per_sample: int, lim
         )
 
 
-def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None) -> Decoded:
+def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None, at_least: int | None = None) -> Decoded:
     """Validate the Image Pixel module against limits and the data, then decode frame 0.
 
     Reads (0028,0002) Samples per Pixel, (0028,0004) Photometric Interpretation,
@@ -214,6 +230,22 @@ def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None) -> Decoded:
         raise TruncatedPixelData("Pixel Data element is empty")
     if ts.is_encapsulated:
         _check_codestream(pixel_data, rows, cols, limits)
+        if at_least is not None:
+            reduced = reduced_frame(pixel_data, str(ts), rows, cols, frames, samples, at_least)
+            if reduced is not None:
+                return Decoded(
+                    kind="dicom",
+                    array=reduced.array,
+                    photometric=photometric,
+                    frames=frames,
+                    frame_used=0,
+                    bits_stored=bits_stored,
+                    signed=signed,
+                    header=ds,
+                    transfer_syntax=str(ts),
+                    reduction=reduced.factor,
+                    reduction_method=reduced.method,
+                )
     else:
         expected = rows * cols * samples * (bits_alloc // 8) * frames
         if len(pixel_data) < expected:

@@ -5,6 +5,8 @@ Training (PNG/JPEG datasets) and serving (DICOM from the PACS) call the same
 in order, and the DICOM attributes each reads, are documented in docs/pixel-path.md:
 
 1. decode the first frame (Transfer Syntax UID, Image Pixel module)      -> decode.py
+   for the model, a JPEG 2000 or JPEG frame only down to the resolution it needs
+   (at least twice the input size along the longer side)                -> reduced.py
 2. bits-stored masking (Bits Stored, Pixel Representation)
 3. Modality LUT (Modality LUT Sequence, else Rescale Slope/Intercept)    -> voi.py
 4. VOI LUT (VOI LUT Sequence, else Window Center/Width + VOI LUT Function,
@@ -47,7 +49,13 @@ from dicom_io.voi import (
 )
 from settings import PixelsConfig
 
-PIPELINE_VERSION = "xtpx-2"
+PIPELINE_VERSION = "xtpx-3"
+# Earlier versions whose models need no retraining: xtpx-3 only added the reduced-resolution
+# decode of JPEG 2000 / JPEG DICOM frames (within the tolerance tests/test_reduced_decode.py
+# holds); PNG and JPEG files, all the training data, give bit-identical tensors.
+COMPATIBLE_VERSIONS = frozenset({"xtpx-2", PIPELINE_VERSION})
+# The model tensor is made from an image at least this many times its size (reduced decoding).
+REDUCED_DECODE_MARGIN = 2
 DEFAULT_INPUT_SIZE = 224
 DEFAULT_DISPLAY_SIZE = 1024
 # ITU-R BT.601 luma, the weights JPEG's YCbCr (and so YBR_FULL) is defined with.
@@ -73,6 +81,7 @@ class PixelResult:
     transfer_syntax: str | None
     pixels: np.ndarray = field(repr=False)  # first frame as decoded, before step 2
     transform: Transform = field(repr=False)  # steps 2-6 for any strip of rows of `pixels`
+    full_shape: tuple[int, int] = (0, 0)  # (rows, cols) of the image; `pixels` may be reduced
     pipeline_version: str = PIPELINE_VERSION
 
     @cached_property
@@ -94,19 +103,34 @@ def _as_float(strip: np.ndarray) -> np.ndarray:
     return np.asarray(strip, dtype=np.float32)
 
 
-def load_image(source: Source | PixelResult, limits: PixelsConfig | None = None) -> PixelResult:
-    """Decode the first frame and prepare its rendering to float32 [0, 1]."""
+def load_image(
+    source: Source | PixelResult, limits: PixelsConfig | None = None, at_least: int | None = None
+) -> PixelResult:
+    """Decode the first frame and prepare its rendering to float32 [0, 1].
+
+    ``at_least``: only this many pixels along the longer side are needed (a model input,
+    not the viewer), so JPEG 2000 and JPEG DICOM frames may be decoded at reduced resolution.
+    """
     if isinstance(source, PixelResult):
         return source
-    return render(decode(source, limits))
+    return render(decode(source, limits, at_least))
+
+
+def model_decode_size(size: int) -> int:
+    """The longer side the model path decodes to, at least (see dicom_io.reduced)."""
+    return REDUCED_DECODE_MARGIN * size
 
 
 def to_model_tensor(
     source: Source | PixelResult, size: int = DEFAULT_INPUT_SIZE, limits: PixelsConfig | None = None
 ) -> np.ndarray:
-    """(size, size, 1) float32 in [0, 1]: the exact input of every model, letterboxed."""
-    pixels, transform = load_image(source, limits)._source()
-    return letterbox_transformed(pixels, transform, size)[..., np.newaxis]
+    """(size, size, 1) float32 in [0, 1]: the exact input of every model, letterboxed.
+
+    The letterbox geometry comes from the image's full size, so a reduced decode lands on
+    the same canvas rectangle as the full one."""
+    image = load_image(source, limits, at_least=model_decode_size(size))
+    pixels, transform = image._source()
+    return letterbox_transformed(pixels, transform, size, shape=image.full_shape)[..., np.newaxis]
 
 
 def render_display(
@@ -161,6 +185,12 @@ def _decode_step(dec: Decoded) -> str:
     if dec.kind != "dicom":
         return f"decode: {dec.kind.upper()} ({dec.array.dtype}, {dec.photometric})"
     ts = UID(dec.transfer_syntax or "")
+    if dec.reduction > 1:
+        rows, cols = dec.full_shape
+        return (
+            f"decode: DICOM {ts.name} ({ts}) at reduced resolution: {dec.reduction_method},"
+            f" {dec.array.shape[0]}x{dec.array.shape[1]} of {rows}x{cols}"
+        )
     return f"decode: DICOM {ts.name} ({ts})"
 
 
@@ -185,6 +215,7 @@ def render(dec: Decoded) -> PixelResult:
         transfer_syntax=dec.transfer_syntax,
         pixels=dec.array,
         transform=transform,
+        full_shape=dec.full_shape,
     )
 
 

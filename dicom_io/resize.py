@@ -106,9 +106,15 @@ def fit_shape(rows: int, cols: int, size: int) -> tuple[int, int]:
     return max(1, round(rows * scale)), max(1, round(cols * scale))
 
 
-def letterbox_transformed(pixels: np.ndarray, transform: Transform, size: int) -> np.ndarray:
-    """Square float32 (size, size): fitted to the longer side, centred, 0-padded."""
-    rows, cols = fit_shape(pixels.shape[0], pixels.shape[1], size)
+def letterbox_transformed(
+    pixels: np.ndarray, transform: Transform, size: int, shape: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Square float32 (size, size): fitted to the longer side, centred, 0-padded.
+
+    ``shape``: the image's full (rows, cols) when `pixels` is a reduced-resolution decode of
+    it; the fitted rectangle is computed from it, so both decodes fill the same pixels."""
+    full = shape if shape is not None and shape != (0, 0) else (pixels.shape[0], pixels.shape[1])
+    rows, cols = fit_shape(full[0], full[1], size)
     canvas = np.zeros((size, size), dtype=np.float32)
     top, left = (size - rows) // 2, (size - cols) // 2
     canvas[top : top + rows, left : left + cols] = resize_transformed(pixels, transform, rows, cols)

@@ -130,10 +130,10 @@ class TriageModel:
 
 def _check_pipeline(card: ModelCard) -> None:
     try:
-        from dicom_io.pixels import PIPELINE_VERSION
+        from dicom_io.pixels import COMPATIBLE_VERSIONS, PIPELINE_VERSION
     except ImportError:  # pragma: no cover
         return
-    if card.preprocessing_version and card.preprocessing_version != PIPELINE_VERSION:
+    if card.preprocessing_version and card.preprocessing_version not in COMPATIBLE_VERSIONS:
         log.warning(
             "model %s was trained on pixel pipeline %s but this build runs %s: scores may shift",
             card.ref,

@@ -27,7 +27,7 @@ from db.models import StudyState
 from dicom_io.eligibility import check_eligibility
 from dicom_io.errors import PixelError
 from dicom_io.inflate import dcmread_bounded
-from dicom_io.pixels import PixelResult, load_image, to_model_tensor
+from dicom_io.pixels import PixelResult, load_image, model_decode_size, to_model_tensor
 from models.operating_points import ADULT, decide_population
 from models.registry import TriageModel
 from settings import Settings
@@ -238,8 +238,13 @@ class Scorer:
         if not elig.eligible and not score_ineligible:
             return j, None
         try:
-            image = load_image(read.pixels, self.settings.pixels)
+            # Only what the model needs (JPEG 2000 / JPEG at reduced resolution, dicom_io.reduced),
+            # the same for every caller so that every caller gets the same scores.
+            need = model_decode_size(self.model.input_size)
+            image = load_image(read.pixels, self.settings.pixels, at_least=need)
             tensor = to_model_tensor(image, size=self.model.input_size)
+            if keep_image and image.pixels.shape[:2] != image.full_shape:
+                image = load_image(read.pixels, self.settings.pixels)  # shown to a person: in full
         except PixelError as exc:
             return replace(
                 j, outcome=FAILED, eligible=False, reason=f"{type(exc).__name__}: {exc}", failed_at="pixels"

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -195,3 +196,12 @@ def encode_real(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, UID
         return out
 
     return encode
+
+
+def full_tensor(source: Any, size: int = 224) -> np.ndarray:
+    """The model tensor through a full-resolution decode: what decoders are compared on (the
+    model path may decode JPEG 2000 / JPEG at reduced resolution, tests/test_reduced_decode.py)."""
+    from dicom_io.pixels import load_image
+    from dicom_io.resize import letterbox_transformed
+
+    return letterbox_transformed(*load_image(source)._source(), size)[..., np.newaxis]
