@@ -206,9 +206,13 @@ class BrokerConfig(_Section):
         return _no_placeholder_password(v)
 
 
+# A study records its queue's name (64 characters in the database).
+QueueName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^\S+$")]
+
+
 class QueuesConfig(_Section):
-    urgent: str = "xray-triage.urgent"
-    routine: str = "xray-triage.routine"
+    urgent: QueueName = "xray-triage.urgent"
+    routine: QueueName = "xray-triage.routine"
     # Calling AE titles whose studies always go to the urgent queue (e.g. the ED's DR room).
     urgent_calling_aes: list[str] = Field(default_factory=list)
 
@@ -278,7 +282,11 @@ class WorkerConfig(_Section):
     # Each worker process writes a heartbeat row this often (admin page, /healthz).
     heartbeat_interval_s: Annotated[float, Field(gt=0, le=300)] = 15.0
     heatmap_dir: Path = DEFAULT_VAR_DIR / "heatmaps"
+    # Images per forward pass.
     batch_size: Annotated[int, Field(ge=1, le=256)] = 16
+    # A task scores up to this many studies at once: its own and others already waiting in the
+    # queues it serves (never waiting for more to arrive); 1 scores one study per task.
+    batch_studies: Annotated[int, Field(ge=1, le=256)] = 16
     # Transient errors (database or broker unreachable): countdown = min(cap, base * 2**retries).
     retry_base_s: Annotated[float, Field(gt=0)] = 1.0
     retry_cap_s: Annotated[float, Field(gt=0)] = 60.0

@@ -118,3 +118,10 @@ def test_relative_paths_in_a_config_file_resolve_against_its_folder_from_any_wor
         assert result.returncode == 0, result.stderr
     assert (site / "data/x.db").is_file()
     assert list(elsewhere.iterdir()) == []  # nothing written where the command was run
+
+
+def test_queue_names_fit_the_database_column() -> None:
+    """A study records its queue's name in 64 characters: a longer name would fail every hand-off."""
+    with pytest.raises(ConfigError, match=r"queues\.urgent: String should have at most 64 characters"):
+        load_settings(None, environ={"XRAY_TRIAGE_QUEUES__URGENT": "q" * 65})
+    assert load_settings(None, environ={"XRAY_TRIAGE_QUEUES__URGENT": "q" * 64}).queues.urgent == "q" * 64

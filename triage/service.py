@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -176,28 +177,48 @@ class Scorer:
         ``score_ineligible=False`` (the worker) leaves an ineligible image unscored;
         ``heatmaps`` computes every finding's map in the same forward pass as the scores.
         """
+        size = max(1, batch_size)
+        chunks = [inputs[i : i + size] for i in range(0, len(inputs), size)]
+
+        def prepare(chunk: Sequence[ImageInput]) -> list[tuple[Judgement, np.ndarray | None]]:
+            return [self.prepare(item, score_ineligible, keep_image) for item in chunk]
+
         out: list[Judgement] = []
-        ready: list[tuple[Judgement, np.ndarray]] = []
-        for item in inputs:
-            judgement, tensor = self.prepare(item, score_ineligible, keep_image)
-            out.append(judgement)
-            if tensor is not None:
-                ready.append((judgement, tensor))
-        findings = list(self.model.card.findings)
-        for start in range(0, len(ready), max(1, batch_size)):
-            chunk = ready[start : start + batch_size]
-            x = np.stack([t for _, t in chunk])
-            t0 = time.perf_counter()
-            if heatmaps:
-                maps, probs = self.model.heatmaps(x, findings)
-            else:
-                maps, probs = None, self.model.predict_tensors(x, batch_size)
-            self.forward_s += time.perf_counter() - t0
-            for i, (j, _) in enumerate(chunk):
-                j.scores = {f: float(probs[i][k]) for k, f in enumerate(findings)}
-                j.flags = flags_for(j.scores, j.thresholds) if j.eligible else dict.fromkeys(j.scores, False)
-                j.heatmaps = None if maps is None else maps[i]
+        if len(chunks) <= 1:  # nothing to overlap
+            for chunk in chunks:
+                prepared = prepare(chunk)
+                self._forward(prepared, heatmaps)
+                out += [j for j, _ in prepared]
+            return out
+        # Decode the next chunk while the model runs on this one: decoders and the model both
+        # release the GIL, so on two cores the slower of the two sets the pace, not their sum.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-ahead") as pool:
+            pending = pool.submit(prepare, chunks[0])
+            for k in range(len(chunks)):
+                prepared = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(prepare, chunks[k + 1])
+                self._forward(prepared, heatmaps)
+                out += [j for j, _ in prepared]
         return out
+
+    def _forward(self, prepared: list[tuple[Judgement, np.ndarray | None]], heatmaps: bool) -> None:
+        """One forward pass over the prepared images that have a tensor; fills their scores."""
+        ready = [(j, t) for j, t in prepared if t is not None]
+        if not ready:
+            return
+        findings = list(self.model.card.findings)
+        x = np.stack([t for _, t in ready])
+        t0 = time.perf_counter()
+        if heatmaps:
+            maps, probs = self.model.heatmaps(x, findings)
+        else:
+            maps, probs = None, self.model.predict_tensors(x, len(ready))
+        self.forward_s += time.perf_counter() - t0
+        for i, (j, _) in enumerate(ready):
+            j.scores = {f: float(probs[i][k]) for k, f in enumerate(findings)}
+            j.flags = flags_for(j.scores, j.thresholds) if j.eligible else dict.fromkeys(j.scores, False)
+            j.heatmaps = None if maps is None else maps[i]
 
     def priority_of(self, judgement: Judgement) -> tuple[str, str]:
         """(level name, reason) the worker would give a study of this one image."""

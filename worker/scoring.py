@@ -1,7 +1,7 @@
 """From a claimed study to stored results, around the one scoring service (``triage.service``).
 
 Three steps with the I/O at the edges: ``pending_instances`` reads the database,
-``run_pipeline`` hands the spooled files to the scoring service and writes heatmap PNGs,
+``run_pipeline_many`` hands the spooled files to the scoring service and writes heatmap PNGs,
 ``store_results`` writes the results and the study's final state in ONE transaction.  Results are keyed by
 (instance, model version) and inserted with ON CONFLICT DO NOTHING, so a redelivered or
 re-queued task never writes an instance twice; instances already stored are not re-scored.
@@ -138,7 +138,15 @@ def heatmap_path(settings: Settings, study_uid: str, sop_uid: str, finding: str)
 
 
 def run_pipeline(scorer: Scorer, work: StudyWork, settings: Settings) -> tuple[list[ResultRow], float]:
-    """Judge every pending instance (``Scorer.judge``); returns rows and the forward-pass seconds.
+    """One study's pending instances judged (``run_pipeline_many``); rows and forward-pass seconds."""
+    before = scorer.forward_s
+    [rows] = run_pipeline_many(scorer, [work], settings)
+    return rows, scorer.forward_s - before
+
+
+def run_pipeline_many(scorer: Scorer, works: list[StudyWork], settings: Settings) -> list[list[ResultRow]]:
+    """Judge every pending instance of several studies in shared forward passes (``Scorer.judge``);
+    one list of rows per study, in order.
 
     An ineligible instance is not scored.  Heatmaps are stored for flagged findings as RGBA PNGs
     of the map alone (``models.heatmap_image.colorize``), the size of the model tensor,
@@ -148,23 +156,26 @@ def run_pipeline(scorer: Scorer, work: StudyWork, settings: Settings) -> tuple[l
     from models.heatmap_image import colorize
 
     spool = Path(settings.storage.spool_dir)  # spool paths are stored relative to its root
-    inputs = [ImageInput(inst.sop_instance_uid, spool / inst.spool_path) for inst in work.instances]
-    before = scorer.forward_s
-    judged = scorer.judge(inputs, score_ineligible=False, heatmaps=True, batch_size=settings.worker.batch_size)
+    inputs = [ImageInput(inst.sop_instance_uid, spool / inst.spool_path) for w in works for inst in w.instances]
+    judged = iter(scorer.judge(inputs, score_ineligible=False, heatmaps=True, batch_size=settings.worker.batch_size))
     findings = list(scorer.model.card.findings)
-    rows: list[ResultRow] = []
-    for inst, j in zip(work.instances, judged, strict=True):
-        if j.outcome != SCORED or j.heatmaps is None:
-            rows.append(ResultRow(inst, j.as_outcome(), None, None, None))
-            continue
-        paths: dict[str, str] = {}
-        for k, f in enumerate(findings):
-            if j.flags.get(f):
-                path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
-                _write_png(path, colorize(j.heatmaps[k]))
-                paths[f] = str(path)
-        rows.append(ResultRow(inst, j.as_outcome(), j.flags, dict(j.thresholds), paths))
-    return rows, scorer.forward_s - before
+    out: list[list[ResultRow]] = []
+    for work in works:
+        rows: list[ResultRow] = []
+        for inst in work.instances:
+            j = next(judged)
+            if j.outcome != SCORED or j.heatmaps is None:
+                rows.append(ResultRow(inst, j.as_outcome(), None, None, None))
+                continue
+            paths: dict[str, str] = {}
+            for k, f in enumerate(findings):
+                if j.flags.get(f):
+                    path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
+                    _write_png(path, colorize(j.heatmaps[k]))
+                    paths[f] = str(path)
+            rows.append(ResultRow(inst, j.as_outcome(), j.flags, dict(j.thresholds), paths))
+        out.append(rows)
+    return out
 
 
 # --------------------------------------------------------------------------- storing

@@ -8,9 +8,17 @@ been delivered twice.  Stale messages are acknowledged and ignored.
 Each pool process also keeps a heartbeat row (worker/heartbeat.py), started and stopped by
 Celery's process signals, so the admin page can tell a live worker from a dead one.
 
+Batching across studies: a task that claims its study also claims up to
+``worker.batch_studies - 1`` other studies already waiting in the queues this worker serves
+(urgent first, oldest first), straight from the database, and scores all of them in shared
+forward passes.  Nothing waits for company: only studies already queued are taken.  Their
+own messages arrive later and are acknowledged without work (the study is finished, or being
+scored by a live worker).
+
 Exactly once: messages are acknowledged late and rejected (re-queued) when the worker
-process dies; a redelivery resumes a study still `processing` under its generation, and the
-results are keyed by (instance, model version), so it never writes twice.  Database and
+process dies; a redelivery resumes a study still `processing` under its generation when the
+process that claimed it is gone (its heartbeat stopped) or is this one, and the results are
+keyed by (instance, model version), so it never writes twice.  Database and
 broker errors are retried with capped exponential backoff; a study whose retries run out
 stays `processing` until the sweeper (worker/sweeper.py) re-queues it.
 """
@@ -22,7 +30,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any
 
@@ -31,11 +39,11 @@ from celery import Celery, Task
 from celery.exceptions import Retry
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu.exceptions import OperationalError as BrokerError
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker import PROCESS_STUDY_TASK
-from db.models import Study, StudyState, utcnow
+from db.models import Study, StudyState, WorkerHeartbeat, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
 from db.transitions import move_state
 from models.registry import TriageModel
@@ -43,7 +51,7 @@ from settings import Settings
 from triage.policy import AI_UNAVAILABLE, Decision, Level
 from triage.service import Scorer
 from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
-from worker.scoring import decide_study, final_state, pending_instances, run_pipeline, store_results
+from worker.scoring import decide_study, final_state, pending_instances, run_pipeline_many, store_results
 
 log = logging.getLogger("xray_triage.tasks")
 
@@ -56,6 +64,7 @@ class Claim(enum.Enum):
     STARTED = "started"
     STALE = "stale"
     NOT_YET = "not-yet"
+    ELSEWHERE = "elsewhere"  # being scored by another live worker (claimed in its batch)
 
 
 @dataclass(frozen=True)
@@ -64,17 +73,31 @@ class ClaimResult:
     study_id: int | None = None
 
 
+def _claimer_alive(session: Session, claimer: str | None, me: str | None, now: datetime, dead_after_s: float) -> bool:
+    """Is another process, with a heartbeat seen within `dead_after_s`, holding this study?"""
+    if claimer is None or claimer == me:
+        return False
+    seen = session.scalar(select(WorkerHeartbeat.last_seen_at).where(WorkerHeartbeat.name == claimer))
+    return seen is not None and seen > now - timedelta(seconds=dead_after_s)
+
+
 def begin_processing(
-    session: Session, study_uid: str, generation: int, now: datetime, worker: str | None = None
+    session: Session,
+    study_uid: str,
+    generation: int,
+    now: datetime,
+    worker: str | None = None,
+    dead_after_s: float = 45.0,
 ) -> ClaimResult:
     """queued -> processing for this generation, or say why not; `worker` (this process's
     heartbeat name) is recorded so that the sweeper can tell when the worker has died.
 
-    A study already `processing` under the same generation is resumed: that is the message
-    redelivered after a worker died (acks_late), not a second copy to ignore.
+    A study already `processing` under the same generation is resumed when no live process
+    holds it: that is the message redelivered after a worker died (acks_late).  One that a
+    live worker claimed in its batch is left to it (ELSEWHERE).
     """
     row = session.execute(
-        select(Study.id, Study.state, Study.handoff_generation).where(Study.study_uid == study_uid)
+        select(Study.id, Study.state, Study.handoff_generation, Study.processing_by).where(Study.study_uid == study_uid)
     ).first()
     if row is None:
         return ClaimResult(Claim.STALE)
@@ -84,6 +107,8 @@ def begin_processing(
     if generation < db_generation:
         return ClaimResult(Claim.STALE, study_id)
     if state is StudyState.PROCESSING:
+        if _claimer_alive(session, row[3], worker, now, dead_after_s):
+            return ClaimResult(Claim.ELSEWHERE, study_id)
         session.execute(
             update(Study)
             .where(Study.id == study_id, Study.handoff_generation == generation)
@@ -100,6 +125,54 @@ def begin_processing(
         values={"processing_at": now, "processing_by": worker},
     )
     return ClaimResult(Claim.STARTED if won else Claim.STALE, study_id)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    study_id: int
+    study_uid: str
+    generation: int
+
+
+def claim_companions(
+    session: Session, queues: list[str], urgent_queue: str, limit: int, now: datetime, worker: str, exclude: int
+) -> list[Claimed]:
+    """Up to `limit` more studies for this process's batch: first its own orphans (studies it
+    claimed in a batch whose task is being retried), then studies waiting in `queues`, urgent
+    first, oldest first; each claimed by a conditional transition, so concurrent claimers never
+    share one."""
+    if limit <= 0:
+        return []
+    out: list[Claimed] = []
+    orphans = session.execute(
+        select(Study.id, Study.study_uid, Study.handoff_generation)
+        .where(Study.state == StudyState.PROCESSING, Study.processing_by == worker, Study.id != exclude)
+        .order_by(Study.processing_at)
+        .limit(limit)
+    ).all()
+    out += [Claimed(int(r[0]), str(r[1]), int(r[2])) for r in orphans]
+    candidates = session.execute(
+        select(Study.id, Study.study_uid, Study.handoff_generation)
+        .where(Study.state == StudyState.QUEUED, Study.queue_name.in_(queues))
+        .order_by(case((Study.queue_name == urgent_queue, 0), else_=1), Study.queued_at, Study.id)
+        .limit(2 * limit)
+    ).all()
+    for r in candidates:
+        if len(out) >= limit:
+            break
+        won = move_state(
+            session,
+            int(r[0]),
+            StudyState.QUEUED,
+            StudyState.PROCESSING,
+            now,
+            reason="claimed into a worker's batch",
+            where=[Study.handoff_generation == int(r[2])],
+            values={"processing_at": now, "processing_by": worker},
+        )
+        if won:
+            out.append(Claimed(int(r[0]), str(r[1]), int(r[2])))
+    return out
 
 
 def finish_study(
@@ -164,37 +237,50 @@ def score_claimed(
     factory: sessionmaker[Session], settings: Settings, model: TriageModel, study_id: int, generation: int
 ) -> Outcome:
     """Run the pipeline for a study this process holds in `processing`; store everything at once."""
+    [outcome] = score_batch(factory, settings, model, [Claimed(study_id, "", generation)])
+    return outcome
+
+
+def score_batch(
+    factory: sessionmaker[Session], settings: Settings, model: TriageModel, batch: list[Claimed]
+) -> list[Outcome]:
+    """Score studies this process holds in `processing` in shared forward passes; then store each
+    study's results and final state in its own transaction (one study's conflict or re-opening
+    never touches another's)."""
     from dicom_io.pixels import PIPELINE_VERSION
 
     started = utcnow()
     with factory() as session:
-        work = pending_instances(session, study_id, model.ref)
-    scorer = Scorer(model, settings)  # thresholds and steering per population, once per study
-    rows, _ = run_pipeline(scorer, work, settings)
-    decision = decide_study(work, rows, scorer)
-    state = final_state(decision)
-    with session_scope(factory) as session:
-        now = utcnow()
-        store_results(session, work, rows, model.ref, PIPELINE_VERSION, started, now)
-        applied = finish_study(
-            session,
-            study_id,
-            generation,
-            state,
-            decision.reason,
-            now,
-            values={
-                "priority": decision.priority,
-                "ai_priority": decision.ai_priority,
-                "priority_reason": decision.priority_reason,
-                "ai_state": decision.ai_state,
-                "model_ref": model.ref,
-                "top_finding": decision.top_finding,
-                "top_score": decision.top_score,
-                "flagged_findings": decision.flagged_findings,
-            },
-        )
-    return Outcome(state, decision, applied)
+        works = [pending_instances(session, c.study_id, model.ref) for c in batch]
+    scorer = Scorer(model, settings)  # thresholds and steering per population, once per batch
+    all_rows = run_pipeline_many(scorer, works, settings)
+    outcomes = []
+    for claimed, work, rows in zip(batch, works, all_rows, strict=True):
+        decision = decide_study(work, rows, scorer)
+        state = final_state(decision)
+        with session_scope(factory) as session:
+            now = utcnow()
+            store_results(session, work, rows, model.ref, PIPELINE_VERSION, started, now)
+            applied = finish_study(
+                session,
+                claimed.study_id,
+                claimed.generation,
+                state,
+                decision.reason,
+                now,
+                values={
+                    "priority": decision.priority,
+                    "ai_priority": decision.ai_priority,
+                    "priority_reason": decision.priority_reason,
+                    "ai_state": decision.ai_state,
+                    "model_ref": model.ref,
+                    "top_finding": decision.top_finding,
+                    "top_score": decision.top_score,
+                    "flagged_findings": decision.flagged_findings,
+                },
+            )
+        outcomes.append(Outcome(state, decision, applied))
+    return outcomes
 
 
 def fail_claimed(factory: sessionmaker[Session], study_id: int, generation: int, reason: str) -> bool:
@@ -282,17 +368,31 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
     @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
     def process_study(self: Task, study_uid: str, generation: int) -> str:
         claimed: ClaimResult | None = None
+        batch: list[Claimed] = []
         factory = _factory(url)
+        me = worker_name()
         try:
             with session_scope(factory) as session:
-                claimed = begin_processing(session, study_uid, int(generation), utcnow(), worker_name())
+                claimed = begin_processing(session, study_uid, int(generation), utcnow(), me, cfg.dead_worker_after_s)
             if claimed.claim is Claim.NOT_YET:
                 raise self.retry(countdown=NOT_YET_COUNTDOWN_S, max_retries=NOT_YET_RETRIES)
             if claimed.claim is Claim.STALE or claimed.study_id is None:
                 log.info("study %s generation %s: stale message ignored", study_uid, generation)
                 return Claim.STALE.value
-            outcome = score_claimed(factory, settings, scoring_model(settings), claimed.study_id, int(generation))
+            if claimed.claim is Claim.ELSEWHERE:
+                log.info(
+                    "study %s generation %s: already being scored in another worker's batch", study_uid, generation
+                )
+                return Claim.ELSEWHERE.value
+            batch = [Claimed(claimed.study_id, study_uid, int(generation))]
+            with session_scope(factory) as session:
+                batch += claim_companions(
+                    session, list(app.amqp.queues.consume_from), settings.queues.urgent,
+                    cfg.batch_studies - 1, utcnow(), me, claimed.study_id,
+                )  # fmt: skip
+            outcomes = score_batch(factory, settings, scoring_model(settings), batch)
         except TRANSIENT_ERRORS as exc:
+            # The companions stay `processing` by this process: the retry claims them again first.
             countdown = backoff_s(self.request.retries, cfg.retry_base_s, cfg.retry_cap_s)
             log.warning(
                 "study %s generation %s: %s, retry %d in %.1f s",
@@ -302,20 +402,24 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
         except Retry:
             raise
         except Exception as exc:
-            # No model, or a bug: retrying cannot help, and the study must not sit in `processing`
-            # until the sweeper re-queues it forever.  It goes on the worklist, read as usual.
+            # No model, or a bug: retrying cannot help, and the studies must not sit in `processing`
+            # until the sweeper re-queues them forever.  They go on the worklist, read as usual.
             if claimed is None or claimed.study_id is None:
                 raise
             log.error("study %s generation %s: scoring failed: %s", study_uid, generation, type(exc).__name__)
-            fail_claimed(factory, claimed.study_id, int(generation), f"AI error: {type(exc).__name__}: {exc}")
-            process.counter.add()
+            for c in batch or [Claimed(claimed.study_id, study_uid, int(generation))]:
+                fail_claimed(factory, c.study_id, c.generation, f"AI error: {type(exc).__name__}: {exc}")
+            process.counter.add(max(1, len(batch)))
             return StudyState.FAILED.value
-        log.info(
-            "study %s generation %s: %s (%s)%s",
-            study_uid, generation, outcome.state.value, outcome.decision.priority_reason,
-            "" if outcome.applied else " (superseded)",
-        )  # fmt: skip
-        process.counter.add()  # the heartbeat thread writes it; no DB write on this path
-        return outcome.state.value
+        for c, outcome in zip(batch, outcomes, strict=True):
+            log.info(
+                "study %s generation %s: %s (%s)%s",
+                c.study_uid, c.generation, outcome.state.value, outcome.decision.priority_reason,
+                "" if outcome.applied else " (superseded)",
+            )  # fmt: skip
+        if len(batch) > 1:
+            log.info("scored %d studies in one batch", len(batch))
+        process.counter.add(len(batch))  # the heartbeat thread writes it; no DB write on this path
+        return outcomes[0].state.value
 
     return process_study
