@@ -13,6 +13,7 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -228,24 +229,15 @@ def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None, at_least: in
     pixel_data = ds.PixelData
     if pixel_data is None or len(pixel_data) == 0:
         raise TruncatedPixelData("Pixel Data element is empty")
+    decoded = partial(Decoded, "dicom", frames=frames, frame_used=0, bits_stored=bits_stored, signed=signed,
+                      header=ds, transfer_syntax=str(ts))  # fmt: skip
     if ts.is_encapsulated:
         _check_codestream(pixel_data, rows, cols, limits)
         if at_least is not None:
             reduced = reduced_frame(pixel_data, str(ts), rows, cols, frames, samples, at_least)
             if reduced is not None:
-                return Decoded(
-                    kind="dicom",
-                    array=reduced.array,
-                    photometric=photometric,
-                    frames=frames,
-                    frame_used=0,
-                    bits_stored=bits_stored,
-                    signed=signed,
-                    header=ds,
-                    transfer_syntax=str(ts),
-                    reduction=reduced.factor,
-                    reduction_method=reduced.method,
-                )
+                return decoded(array=reduced.array, photometric=photometric, reduction=reduced.factor,
+                               reduction_method=reduced.method)  # fmt: skip
     else:
         expected = rows * cols * samples * (bits_alloc // 8) * frames
         if len(pixel_data) < expected:
@@ -274,17 +266,7 @@ def decode_dataset(ds: Dataset, limits: PixelsConfig | None = None, at_least: in
     out_photometric = str(meta.get("photometric_interpretation", photometric))
     if samples == 3:
         out_photometric = "RGB" if out_photometric.startswith(("YBR", "RGB")) else out_photometric
-    return Decoded(
-        kind="dicom",
-        array=arr,
-        photometric=out_photometric if samples == 3 else photometric,
-        frames=frames,
-        frame_used=0,
-        bits_stored=bits_stored,
-        signed=signed,
-        header=ds,
-        transfer_syntax=str(ts),
-    )
+    return decoded(array=arr, photometric=out_photometric if samples == 3 else photometric)
 
 
 def _check_codestream(pixel_data: bytes, rows: int, cols: int, limits: PixelsConfig) -> None:

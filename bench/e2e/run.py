@@ -235,13 +235,9 @@ def run_config(files: list[Path], concurrency: int, interval_s: float, root: Pat
             "final_states": states,
         }
     finally:
-        listener.stop()
-        worker.terminate()
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-        factory.kw["bind"].dispose()
+        from bench.e2e.shipped import stop_all
+
+        stop_all(listener, worker, factory)
         import redis
 
         redis.Redis.from_url(REDIS_URL).delete(settings.queues.urgent, settings.queues.routine)

@@ -148,11 +148,16 @@ def main(studies: int = 30, gap_s: float = 1.0) -> dict[str, Any]:
                       f"(max {max(latencies):.2f} s, {studies} studies; goal p95 <= {goal} s: "
                       f"{'met' if p95 <= goal else 'NOT met'}); states {sorted(states)}", flush=True)  # fmt: skip
         finally:
-            intake.stop()
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-            factory.kw["bind"].dispose()
+            stop_all(intake, worker, factory)
     return results
+
+
+def stop_all(intake: Any, worker: subprocess.Popen[bytes], factory: Any) -> None:
+    """The in-process intake, the worker process (TERM, then KILL after a minute), the DB pool."""
+    intake.stop()
+    worker.terminate()
+    try:
+        worker.wait(60)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+    factory.kw["bind"].dispose()
