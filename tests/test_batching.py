@@ -114,9 +114,7 @@ def test_a_retried_task_takes_back_the_batch_it_left(backend, tmp_path, start_li
 
 def test_a_worker_drains_a_backlog_in_batches_exactly_once(tmp_path: Path) -> None:
     studies = 12
-    var = tmp_path / "b"  # a short folder name: it becomes part of the queue names
-    var.mkdir()
-    with open_scoring_env("postgres", var, worker={"batch_studies": 5, "batch_size": 4}) as env:
+    with open_scoring_env("postgres", tmp_path, worker={"batch_studies": 5, "batch_size": 4}) as env:
         env.cleanup.pop()()  # stop the environment's worker: the backlog builds up first
         source = pydicom_data_file("RG1_UNCR.dcm")
         files = [as_new_study(source, tmp_path / "push" / f"{i:02d}.dcm") for i in range(studies)]

@@ -9,6 +9,7 @@ default (``models/default``, or ``$XRAY_TRIAGE_MODEL``), exactly what production
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -223,7 +224,8 @@ def open_scoring_env(backend: str, var: Path, **sections: dict[str, Any]) -> Ite
     """
     from xray_triage.services import start_intake
 
-    tag = f"{SESSION_TAG}-{backend}-{os.getpid()}-{var.name}"
+    # Queue names hold the tag and must fit in 64 characters: a digest of the folder, not its name.
+    tag = f"{SESSION_TAG}-{backend}-{os.getpid()}-{hashlib.sha1(str(var).encode()).hexdigest()[:10]}"
     db: ScoringDatabase | None = None
     if backend == "sqlite":
         url = f"sqlite:///{var / 'xray-triage.db'}"
