@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +113,9 @@ def pending_instances(session: Session, study_id: int, model_ref: str) -> StudyW
 # --------------------------------------------------------------------------- pipeline
 
 
+PNG_WRITERS = 4
+
+
 def _write_png(path: Path, pixels: np.ndarray) -> None:
     """Atomic: the worklist never shows half a PNG, a crash leaves at most a temp file."""
     from PIL import Image
@@ -160,21 +164,27 @@ def run_pipeline_many(scorer: Scorer, works: list[StudyWork], settings: Settings
     judged = iter(scorer.judge(inputs, score_ineligible=False, heatmaps=True, batch_size=settings.worker.batch_size))
     findings = list(scorer.model.card.findings)
     out: list[list[ResultRow]] = []
-    for work in works:
-        rows: list[ResultRow] = []
-        for inst in work.instances:
-            j = next(judged)
-            if j.outcome != SCORED or j.heatmaps is None:
-                rows.append(ResultRow(inst, j.as_outcome(), None, None, None))
-                continue
-            paths: dict[str, str] = {}
-            for k, f in enumerate(findings):
-                if j.flags.get(f):
-                    path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
-                    _write_png(path, colorize(j.heatmaps[k]))
-                    paths[f] = str(path)
-            rows.append(ResultRow(inst, j.as_outcome(), j.flags, dict(j.thresholds), paths))
-        out.append(rows)
+    # Each PNG is fsynced (the worklist links it once the result commits); the waits overlap in
+    # a few threads instead of adding up, and all are done before this returns.
+    with ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="heatmap-png") as writers:
+        written = []
+        for work in works:
+            rows: list[ResultRow] = []
+            for inst in work.instances:
+                j = next(judged)
+                if j.outcome != SCORED or j.heatmaps is None:
+                    rows.append(ResultRow(inst, j.as_outcome(), None, None, None))
+                    continue
+                paths: dict[str, str] = {}
+                for k, f in enumerate(findings):
+                    if j.flags.get(f):
+                        path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
+                        written.append(writers.submit(_write_png, path, colorize(j.heatmaps[k])))
+                        paths[f] = str(path)
+                rows.append(ResultRow(inst, j.as_outcome(), j.flags, dict(j.thresholds), paths))
+            out.append(rows)
+        for future in written:
+            future.result()  # a failed write fails the batch, as it did inline
     return out
 
 
