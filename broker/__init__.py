@@ -16,6 +16,9 @@ from kombu import Exchange, Queue
 from settings import Settings
 
 PROCESS_STUDY_TASK = "xray_triage.process_study"
+# One message per (study, destination): the export row's id.  Its own queue, so a slow or dead
+# destination never holds up scoring.
+EXPORT_TASK = "xray_triage.export"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -34,6 +37,7 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=[
             Queue(settings.queues.urgent, exchange, routing_key=settings.queues.urgent, durable=True),
             Queue(settings.queues.routine, exchange, routing_key=settings.queues.routine, durable=True),
+            Queue(settings.export.queue, exchange, routing_key=settings.export.queue, durable=True),
         ],
         task_default_queue=settings.queues.routine,
         task_default_exchange="xray-triage",
@@ -59,6 +63,11 @@ def make_celery(settings: Settings) -> Celery:
         # interval comes from broker.sqlite_transport instead.
         app.conf.broker_transport_options = {}
     return app
+
+
+def publish_export(app: Celery, settings: Settings, export_id: int, countdown_s: float | None = None) -> None:
+    """Queue the sending of one export row (also what the web app's "retry now" does)."""
+    app.send_task(EXPORT_TASK, args=[export_id], queue=settings.export.queue, countdown=countdown_s)
 
 
 def queue_depths(app: Celery, queue_names: list[str]) -> dict[str, int | None]:

@@ -267,6 +267,49 @@ class InstanceResult(Base):
     __table_args__ = (UniqueConstraint("instance_id", "model_ref", name="uq_result_instance_model"),)
 
 
+class ExportState(enum.StrEnum):
+    """pending -> sent | export_failed; held (silent mode), superseded (a newer result replaced it)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "export_failed"
+    HELD = "held"
+    SUPERSEDED = "superseded"
+
+
+class Export(Base):
+    """One scored result of a study on its way to one destination (a PACS or a RIS).
+
+    Written in the transaction that stores the result (so nothing scored is forgotten), then
+    sent by its own task.  ``objects`` lists what was, or will be, sent: kind, SOP Instance
+    UID (DICOM) or control id (HL7), a label and the last status per object.
+    """
+
+    __tablename__ = "export"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(8))
+    generation: Mapped[int] = mapped_column(Integer)
+    model_ref: Mapped[str] = mapped_column(String(128))
+    state: Mapped[ExportState] = mapped_column(String(16), default=ExportState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    objects: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When a task should (again) try it; also the lease of a running attempt, so the sweeper
+    # re-publishes only exports whose message was lost.
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    sent_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        UniqueConstraint("study_id", "destination", "generation", name="uq_export_study_destination_generation"),
+        Index("ix_export_state_next", "state", "next_attempt_at"),
+    )
+
+
 class User(Base):
     """A worklist user; the password is stored only as an argon2id hash (salted, slow)."""
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 DISCLAIMER = "Decision support – not for diagnostic use."
 UNLABELLED = -1
@@ -50,6 +52,8 @@ class Finding:
     description: str
     # Used only when a model card carries no threshold of its own (e.g. an untrained model).
     default_threshold: float
+    # The coded concept our DICOM SR and HL7 results use for it (docs/conformance.md says why).
+    code: Code
 
 
 FINDINGS: tuple[Finding, ...] = (
@@ -58,9 +62,18 @@ FINDINGS: tuple[Finding, ...] = (
         "Pneumonia",
         "Airspace pneumonia (bacterial or viral, incl. COVID-19) or consolidation",
         0.5,
+        # Not in pydicom's code dictionary (which holds only codes named by DICOM's context groups).
+        Code("233604007", "SCT", "Pneumonia"),
     ),
-    Finding("mass", "Mass / nodule", "Focal pulmonary opacity: NIH 'Mass' or 'Nodule'", 0.5),
-    Finding("covid19", "COVID-19", "COVID-19 pneumonia pattern (collections of 2020)", 0.5),
+    # SNOMED CT "Mass" (CID 6335 and others): the focal opacity; a nodule is a small mass.
+    Finding("mass", "Mass / nodule", "Focal pulmonary opacity: NIH 'Mass' or 'Nodule'", 0.5, codes.SCT.Mass),
+    Finding(
+        "covid19",
+        "COVID-19",
+        "COVID-19 pneumonia pattern (collections of 2020)",
+        0.5,
+        Code("840539006", "SCT", "COVID-19"),
+    ),
 )
 FINDING_NAMES: tuple[str, ...] = tuple(f.name for f in FINDINGS)
 FINDING_INDEX: dict[str, int] = {n: i for i, n in enumerate(FINDING_NAMES)}

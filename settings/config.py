@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -369,6 +369,71 @@ class EligibilityConfig(_Section):
         return [s.strip().upper() for s in v if s.strip()]
 
 
+ExportObject = Literal["sr", "heatmaps"]
+
+
+class ExportDestination(_Section):
+    """A PACS (``dicom``: C-STORE of the SR and heatmap images) or a RIS (``hl7``: ORU^R01 over MLLP)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: Literal["dicom", "hl7"]
+    host: Annotated[str, Field(min_length=1, max_length=253)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+    # The called AE title of a DICOM destination.
+    ae_title: AETitle | None = None
+    # DICOM objects sent there (default: all kinds); an hl7 destination gets the priority message.
+    objects: list[ExportObject] | None = None
+    # MSH-5 and MSH-6 of an hl7 destination (the RIS's application and facility), if it wants them.
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ExportDestination:
+        if self.kind == "dicom" and self.ae_title is None:
+            raise ValueError(f"destination {self.name!r}: a dicom destination needs ae_title")
+        if self.kind == "hl7" and self.objects:
+            raise ValueError(f"destination {self.name!r}: objects applies to dicom destinations only")
+        return self
+
+    @property
+    def object_kinds(self) -> tuple[str, ...]:
+        if self.kind == "hl7":
+            return ("oru",)
+        return tuple(self.objects) if self.objects else ("sr", "heatmaps")
+
+
+class ExportConfig(_Section):
+    """Results sent back to the PACS and the RIS, one Celery task per (study, destination)."""
+
+    destinations: list[ExportDestination] = Field(default_factory=list)
+    queue: QueueName = "xray-triage.export"
+    # Our calling AE title towards DICOM destinations.
+    calling_ae_title: AETitle = "XRAY_TRIAGE"
+    # MSH-4 of the HL7 messages.
+    sending_facility: str = ""
+    # Silent mode scores without steering; nothing leaves either, unless this is set.
+    in_silent_mode: bool = False
+    retry_base_s: Annotated[float, Field(gt=0)] = 5.0
+    retry_cap_s: Annotated[float, Field(gt=0)] = 300.0
+    # Attempts per (study, destination) before it is export_failed (an admin can retry it).
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Bound on connecting, association negotiation, each DIMSE exchange and an HL7 ACK.
+    timeout_s: Annotated[float, Field(gt=0, le=600)] = 30.0
+    # Export worker processes that `xray-triage run` starts when destinations are configured.
+    concurrency: Annotated[int, Field(ge=1, le=32)] = 2
+
+    @model_validator(mode="after")
+    def _unique(self) -> ExportConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique: {', '.join(dupes)}")
+        return self
+
+    def destination(self, name: str) -> ExportDestination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+
 class WebConfig(_Section):
     """The worklist web app and JSON API (``xray-triage web``, also started by ``run``)."""
 
@@ -410,6 +475,7 @@ class Settings(_Section):
     worker: WorkerConfig = WorkerConfig()
     model: ModelConfig = ModelConfig()
     web: WebConfig = WebConfig()
+    export: ExportConfig = ExportConfig()
     log_level: str = "INFO"
 
     @field_validator("log_level")
@@ -550,4 +616,12 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     data["broker"]["url"] = mask_secrets(data["broker"]["url"])
     if data["web"]["secret_key"] is not None:
         data["web"]["secret_key"] = "***"
+    for destination in data["export"]["destinations"]:
+        destination["host"] = mask_host(destination["host"])
     return data
+
+
+def mask_host(host: str) -> str:
+    """Only the first label of a destination's address: enough to recognise it on a shared page."""
+    first = re.split(r"[.:]", host, maxsplit=1)[0]
+    return f"{first}.***" if first != host else "***"

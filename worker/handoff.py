@@ -32,10 +32,18 @@ from db.session import session_scope
 from db.transitions import move_state
 from dicom_io.ingest import is_urgent
 from settings import QueuesConfig, Settings
-from worker.publish import Handoff, Publisher, celery_publisher
+from worker.publish import ExportPublisher, Handoff, Publisher, celery_export_publisher, celery_publisher
 from worker.sweeper import sweep_once
 
-__all__ = ["Handoff", "HandoffThread", "Publisher", "celery_publisher", "queue_for", "scan_once"]
+__all__ = [
+    "Handoff",
+    "HandoffThread",
+    "Publisher",
+    "celery_export_publisher",
+    "celery_publisher",
+    "queue_for",
+    "scan_once",
+]
 
 log = logging.getLogger("xray_triage.handoff")
 
@@ -150,11 +158,18 @@ class HandoffThread(threading.Thread):
     """Runs scan_once every poll interval, and at the end of each release's grace, until
     stopped; survives database and broker outages."""
 
-    def __init__(self, settings: Settings, factory: sessionmaker[Session], publish: Publisher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        publish: Publisher,
+        publish_export: ExportPublisher | None = None,
+    ) -> None:
         super().__init__(name="xray-triage-handoff", daemon=True)
         self.settings = settings
         self.factory = factory
         self.publish = publish
+        self.publish_export = publish_export
         self._stop_event = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -195,7 +210,7 @@ class HandoffThread(threading.Thread):
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + self.settings.worker.sweep_interval_s
                 try:
-                    sweep_once(self.factory, self.publish, self.settings)
+                    sweep_once(self.factory, self.publish, self.settings, publish_export=self.publish_export)
                 except Exception as exc:  # noqa: BLE001 - same: keep sweeping
                     log.warning("sweep failed, will retry: %s: %s", type(exc).__name__, exc)
             self._sleep()

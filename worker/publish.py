@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from broker import PROCESS_STUDY_TASK
+from broker import PROCESS_STUDY_TASK, publish_export
+from settings import Settings
 
 
 @dataclass(frozen=True)
@@ -30,5 +31,16 @@ def celery_publisher(app: Celery) -> Publisher:
 
     def publish(handoff: Handoff) -> None:
         app.send_task(PROCESS_STUDY_TASK, args=[handoff.study_uid, handoff.generation], queue=handoff.queue)
+
+    return publish
+
+
+# Publishes one export row's id on the export queue (the sweeper re-publishes lost ones).
+ExportPublisher = Callable[[int], None]
+
+
+def celery_export_publisher(app: Celery, settings: Settings) -> ExportPublisher:
+    def publish(export_id: int) -> None:
+        publish_export(app, settings, export_id)
 
     return publish

@@ -21,11 +21,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, exists, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.exports import lost_exports
 from db.models import Study, StudyState, WorkerHeartbeat, utcnow
 from db.session import session_scope
 from db.transitions import move_state
 from settings import Settings
-from worker.publish import Handoff, Publisher
+from worker.publish import ExportPublisher, Handoff, Publisher
 
 log = logging.getLogger("xray_triage.sweeper")
 
@@ -108,11 +109,33 @@ def _reason(stuck: Stuck, settings: Settings, now: datetime) -> str:
     return f"re-queued by the sweeper: its worker's heartbeat stopped more than {cfg.dead_worker_after_s:g} s ago"
 
 
+def republish_exports(factory: sessionmaker[Session], publish: ExportPublisher, now: datetime) -> int:
+    """Publish again the pending exports whose message was lost; stops at the first publish failure."""
+    with factory() as session:
+        lost = lost_exports(session, now)
+    for n, export_id in enumerate(lost):
+        try:
+            publish(export_id)
+        except Exception as exc:  # noqa: BLE001 - broker down: next sweep
+            log.warning("re-publishing export %d failed, will retry: %s", export_id, type(exc).__name__)
+            return n
+    if lost:
+        log.warning("re-published %d export(s) whose message was lost", len(lost))
+    return len(lost)
+
+
 def sweep_once(
-    factory: sessionmaker[Session], publish: Publisher, settings: Settings, now: datetime | None = None
+    factory: sessionmaker[Session],
+    publish: Publisher,
+    settings: Settings,
+    now: datetime | None = None,
+    publish_export: ExportPublisher | None = None,
 ) -> int:
-    """Re-queue every stuck study; stops at the first publish failure (the broker is down). Returns the count."""
+    """Re-queue every stuck study (and re-publish lost exports); stops at the first publish failure
+    (the broker is down). Returns the count of studies re-queued."""
     now = now or utcnow()
+    if publish_export is not None:
+        republish_exports(factory, publish_export, now)
     with session_scope(factory) as session:
         expired = expire_heartbeats(session, settings, now)
     if expired:

@@ -42,7 +42,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker import PROCESS_STUDY_TASK
+from broker import EXPORT_TASK, PROCESS_STUDY_TASK, publish_export
 from db.models import Study, StudyState, WorkerHeartbeat, utcnow
 from db.session import make_engine, make_sessionmaker, session_scope
 from db.transitions import move_state
@@ -50,6 +50,7 @@ from models.registry import TriageModel
 from settings import Settings
 from triage.policy import AI_UNAVAILABLE, Decision, Level
 from triage.service import Scorer
+from worker.export import create_exports, run_export
 from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
 from worker.scoring import decide_study, final_state, pending_instances, run_pipeline_many, store_results
 
@@ -231,6 +232,7 @@ class Outcome:
     state: StudyState
     decision: Decision
     applied: bool  # False when the study was re-opened meanwhile (results kept, state not set)
+    exports: list[int] = field(default_factory=list)  # export rows written with the result, to publish
 
 
 def score_claimed(
@@ -279,7 +281,10 @@ def score_batch(
                     "flagged_findings": decision.flagged_findings,
                 },
             )
-        outcomes.append(Outcome(state, decision, applied))
+            exports: list[int] = []
+            if applied and state is StudyState.SCORED:
+                exports = create_exports(session, claimed.study_id, claimed.generation, model.ref, settings)
+        outcomes.append(Outcome(state, decision, applied, exports))
     return outcomes
 
 
@@ -325,6 +330,12 @@ def pool_identity(app: Celery, model_ref: str | None) -> WorkerIdentity:
     return WorkerIdentity(worker_name(), socket.gethostname(), os.getpid(), queues, model_ref)
 
 
+def _scores(app: Celery, settings: Settings) -> bool:
+    """Does this worker consume a scoring queue (an export-only worker needs no model)?"""
+    consumed = set(app.amqp.queues.consume_from)
+    return bool(consumed & {settings.queues.urgent, settings.queues.routine}) or not consumed
+
+
 def _load_model(settings: Settings) -> str | None:
     """The model's ref, or None when it cannot be loaded (the task then reports it per study)."""
     try:
@@ -358,7 +369,8 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
     def _init_pool_process(**_kwargs: Any) -> None:
         # Each prefork child loads the model once, before its first task, not per task; its
         # heartbeat starts after, so the row names the model it really serves.
-        process.heartbeat = _start_heartbeat(app, settings, _load_model(settings), process.counter)
+        model_ref = _load_model(settings) if _scores(app, settings) else None
+        process.heartbeat = _start_heartbeat(app, settings, model_ref, process.counter)
 
     @worker_process_shutdown.connect(weak=False)
     def _stop_heartbeat(**_kwargs: Any) -> None:
@@ -419,7 +431,29 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
             )  # fmt: skip
         if len(batch) > 1:
             log.info("scored %d studies in one batch", len(batch))
+        _publish_exports(app, settings, [e for outcome in outcomes for e in outcome.exports])
         process.counter.add(len(batch))  # the heartbeat thread writes it; no DB write on this path
         return outcomes[0].state.value
 
+    @app.task(name=EXPORT_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+    def export(self: Task, export_id: int) -> str:
+        def publish(eid: int, countdown: float | None) -> None:
+            publish_export(app, settings, eid, countdown)
+
+        try:
+            return run_export(_factory(url), settings, int(export_id), publish)
+        except TRANSIENT_ERRORS as exc:  # the database is away: the row keeps its lease, try again
+            countdown = backoff_s(self.request.retries, cfg.retry_base_s, cfg.retry_cap_s)
+            raise self.retry(exc=exc, countdown=countdown, max_retries=cfg.max_retries) from None
+
     return process_study
+
+
+def _publish_exports(app: Celery, settings: Settings, export_ids: list[int]) -> None:
+    """Publish the export rows written with the results; a failure is left to the sweeper."""
+    for export_id in export_ids:
+        try:
+            publish_export(app, settings, export_id)
+        except Exception as exc:  # noqa: BLE001 - the row is pending: the sweeper re-publishes it
+            log.warning("export %d not published (%s); the sweeper will", export_id, type(exc).__name__)
+            return

@@ -139,6 +139,22 @@ def run_all(settings: Settings, config_path: str | None = None, concurrency: int
         Child("worker", _child_command(config_path, "worker", "--concurrency", str(concurrency))),
         Child("web app", _child_command(config_path, "web")),
     ]
+    if settings.export.destinations:
+        # Results go out from their own worker processes, so a dead destination never delays scoring.
+        children.insert(
+            2,
+            Child(
+                "exporter",
+                _child_command(
+                    config_path,
+                    "worker",
+                    "--queues",
+                    settings.export.queue,
+                    "--concurrency",
+                    str(settings.export.concurrency),
+                ),
+            ),
+        )
     terminated = False
 
     def _on_term(signum: int, _frame: object) -> None:

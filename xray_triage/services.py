@@ -16,7 +16,7 @@ from db.session import make_sessionmaker
 from dicom_io.listener import ListenerHandle
 from dicom_io.listener import start as start_listener
 from settings import Settings
-from worker.handoff import HandoffThread, celery_publisher
+from worker.handoff import HandoffThread, celery_export_publisher, celery_publisher
 
 
 @dataclass
@@ -55,7 +55,8 @@ def start_intake(settings: Settings, *, with_handoff: bool = True) -> Intake:
     if with_handoff:
         try:
             factory = make_sessionmaker(listener.engine)
-            handoff = HandoffThread(settings, factory, celery_publisher(make_celery(settings)))
+            app = make_celery(settings)
+            handoff = HandoffThread(settings, factory, celery_publisher(app), celery_export_publisher(app, settings))
             handoff.start()
             listener.scp.on_released = handoff.released  # a released study is due after its grace
         except BaseException:
