@@ -8,6 +8,10 @@ caller; nothing in this room knows about models, the database or the queue.
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -73,6 +77,25 @@ def contributing_equipment(algorithm: Algorithm, when: datetime) -> Dataset:
     return item
 
 
+_AGE = re.compile(r"\d{3}[DWMY]")
+
+
+@contextmanager
+def quiet_person_names() -> Iterator[None]:
+    """highdicom warns about unusual person names by quoting them: patient data must not reach the logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        yield
+
+
+def drop_invalid_copies(ds: Dataset) -> None:
+    """Remove values copied from the source that are invalid in our object (e.g. Patient's Age "62":
+    AS needs "062Y"); they are optional here, and an invalid value would fail validation at the PACS."""
+    age = ds.get("PatientAge")
+    if age is not None and not _AGE.fullmatch(str(age)):
+        del ds.PatientAge
+
+
 def finish_derived(ds: Dataset, algorithm: Algorithm, when: datetime, series_description: str) -> None:
     """What every object we write carries besides its content.
 
@@ -80,6 +103,7 @@ def finish_derived(ds: Dataset, algorithm: Algorithm, when: datetime, series_des
     dates from `when` (the stored result's time, so rebuilding an object gives the same
     content), the algorithm's software versions and its Contributing Equipment item.
     """
+    drop_invalid_copies(ds)
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SeriesDescription = series_description[:64]
     day, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")

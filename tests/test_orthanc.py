@@ -26,9 +26,9 @@ from tests.plugins.ingest import AE_TITLE, TcpProxy, dataset_bytes, wait_for, wi
 
 
 class Orthanc:
-    def __init__(self, root: Path, modality_port: int) -> None:
+    def __init__(self, root: Path, modality_port: int, dicom_port: int | None = None) -> None:
         self.http = free_port()
-        self.dicom = free_port()
+        self.dicom = dicom_port or free_port()
         config = {
             "Name": "xt-orthanc",
             "StorageDirectory": str(root / "storage"),

@@ -207,11 +207,12 @@ def dicom_objects(
     kinds = destination.object_kinds
     out: list[Outgoing] = []
     results = []
+    spool = Path(settings.storage.spool_dir)  # spool paths are stored relative to its root
     for n, image in enumerate(images, start=1):
         steers, why = steering(settings, export.model_ref, image.operating_point)
         findings = finding_results(image, steers, why)
         if "heatmaps" in kinds:
-            source = pydicom.dcmread(image.spool_path)
+            source = pydicom.dcmread(spool / image.spool_path)
             for f in findings:
                 path = image.heatmaps.get(f.name)
                 if not f.flagged or not path:
@@ -230,7 +231,7 @@ def dicom_objects(
                 )
                 sc = build_heatmap_capture(capture, settings.pixels)
                 out.append(Outgoing(as_written(sc), "heatmap", f"heatmap {f.display}, image {n}"))
-        header = pydicom.dcmread(image.spool_path, stop_before_pixels=True)
+        header = pydicom.dcmread(spool / image.spool_path, stop_before_pixels=True)
         results.append(ImageResult(header, findings))
     if "sr" in kinds:
         report = TriageReport(
@@ -344,13 +345,13 @@ def _claim(factory: sessionmaker[Session], export_id: int, settings: Settings, n
             return None
         if row.next_attempt_at is not None and row.next_attempt_at > now + timedelta(seconds=1):
             return None  # another message is scheduled for it, or an attempt holds the lease
+        attempt = row.attempts + 1  # read first: the ORM update below refreshes `row`
         result = session.execute(
             update(Export)
-            .where(Export.id == export_id, Export.state == ExportState.PENDING, Export.attempts == row.attempts)
-            .values(attempts=row.attempts + 1, next_attempt_at=now + lease, updated_at=now)
+            .where(Export.id == export_id, Export.state == ExportState.PENDING, Export.attempts == attempt - 1)
+            .values(attempts=attempt, next_attempt_at=now + lease, updated_at=now)
         )
-        won = getattr(result, "rowcount", 0)
-        return row.attempts + 1 if won else None
+        return attempt if getattr(result, "rowcount", 0) else None
 
 
 def run_export(factory: sessionmaker[Session], settings: Settings, export_id: int, publish: Publish) -> str:

@@ -61,6 +61,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         print("studies per state:")
         for state, n in report["studies"].items():
             print(f"  {state:<11} {n}")
+        print("exports per state:")
+        for state, n in report["exports"].items():
+            print(f"  {state:<13} {n}")
         print("queue depth:")
         for queue, n in report["queues"].items():
             print(f"  {queue:<24} {'unknown' if n is None else n}")

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from dicom_io.derived import MANUFACTURER, Algorithm, derived_uid, finish_derived
+from dicom_io.derived import MANUFACTURER, Algorithm, derived_uid, finish_derived, quiet_person_names
 from dicom_io.pixels import render_display
 from settings import PixelsConfig
 
@@ -103,20 +103,21 @@ def build_heatmap_capture(capture: HeatmapCapture, limits: PixelsConfig | None =
     pixels = burn_banner(overlay(grey, capture.heat_rgba), text)
     orientation = [str(v) for v in source.get("PatientOrientation") or []]
     series_uid, sop_uid = capture_uids(capture)
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=pixels,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=series_uid,
-        series_number=SC_SERIES_BASE + capture.finding_index,
-        sop_instance_uid=sop_uid,
-        instance_number=capture.instance_number,
-        manufacturer=MANUFACTURER,
-        patient_orientation=tuple(orientation) if len(orientation) == 2 else _UNKNOWN_ORIENTATION,  # type: ignore[arg-type]
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-    )
+    with quiet_person_names():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=pixels,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_uid,
+            series_number=SC_SERIES_BASE + capture.finding_index,
+            sop_instance_uid=sop_uid,
+            instance_number=capture.instance_number,
+            manufacturer=MANUFACTURER,
+            patient_orientation=tuple(orientation) if len(orientation) == 2 else _UNKNOWN_ORIENTATION,  # type: ignore[arg-type]
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+        )
     if len(orientation) != 2:
         sc.PatientOrientation = None  # type: ignore[assignment] # Type 2: empty says "unknown" rather than guessing
     spacing = _spacing(source)

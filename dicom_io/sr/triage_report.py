@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_io.derived import DISCLAIMER, MANUFACTURER, Algorithm, derived_uid, finish_derived
+from dicom_io.derived import DISCLAIMER, MANUFACTURER, Algorithm, derived_uid, finish_derived, quiet_person_names
 
 SR_SERIES_NUMBER = 9901
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain X-ray of chest")
@@ -185,17 +185,18 @@ def build_triage_report(report: TriageReport) -> hd.sr.Comprehensive3DSR:
     )
     content[0].ContentSequence.append(_summary(report))
     series_uid, sop_uid = report_uids(report)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[image.source for image in report.images],
-        content=content[0],
-        series_instance_uid=series_uid,
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
+    with quiet_person_names():
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[image.source for image in report.images],
+            content=content[0],
+            series_instance_uid=series_uid,
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+        )
     finish_derived(sr, algorithm, report.when, f"AI triage {algorithm.name} (not for diagnostic use)")
     return sr

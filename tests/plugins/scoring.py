@@ -45,6 +45,14 @@ def scoring_settings(database_url: str, broker_url: str, var: Path, tag: str, **
         "database": {"url": database_url},
         "broker": {"url": broker_url},
         "queues": {"urgent": f"xt-sc-{tag}.urgent", "routine": f"xt-sc-{tag}.routine"},
+        # Short waits, so the export tests see retries and export_failed within seconds.
+        "export": {
+            "queue": f"xt-sc-{tag}.export",
+            "retry_base_s": 0.5,
+            "retry_cap_s": 2.0,
+            "max_attempts": 3,
+            "timeout_s": 5.0,
+        },
         "handoff": {"stability_window_s": 0.5, "poll_interval_s": 0.2},
         # Short enough for the outage tests, long enough that a busy box never re-queues a live task.
         "worker": {
@@ -70,7 +78,7 @@ def write_config(settings: Settings, path: Path) -> Path:
 class WorkerProcess:
     """`xray-triage worker` as a child process, its output in a log file the tests can read."""
 
-    def __init__(self, config: Path, log_path: Path, concurrency: int = 1) -> None:
+    def __init__(self, config: Path, log_path: Path, concurrency: int = 1, queues: str | None = None) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -83,6 +91,7 @@ class WorkerProcess:
                 "worker",
                 "--concurrency",
                 str(concurrency),
+                *(["--queues", queues] if queues else []),
             ],
             cwd=REPO,
             stdout=self._log,
@@ -181,14 +190,16 @@ class ScoringEnv:
         return self.study(uid)
 
 
-def start_env_worker(env: ScoringEnv, database_url: str | None = None, concurrency: int = 1) -> WorkerProcess:
+def start_env_worker(
+    env: ScoringEnv, database_url: str | None = None, concurrency: int = 1, queues: str | None = None
+) -> WorkerProcess:
     """Start a worker for `env`, optionally reaching the database through another URL (a proxy)."""
     settings = env.settings
     database_url = database_url or env.worker_database_url
     if database_url is not None:
         settings = settings.model_copy(update={"database": settings.database.model_copy(update={"url": database_url})})
     config = write_config(settings, env.var / f"worker-{len(env.cleanup)}.yaml")
-    worker = WorkerProcess(config, env.var / "worker.log", concurrency)
+    worker = WorkerProcess(config, env.var / ("exporter.log" if queues else "worker.log"), concurrency, queues)
     env.cleanup.append(worker.stop)
     return worker
 
@@ -255,7 +266,9 @@ def open_scoring_env(backend: str, var: Path, **sections: dict[str, Any]) -> Ite
         if db is not None:
             import redis
 
-            redis.Redis.from_url(REDIS_URL).delete(settings.queues.urgent, settings.queues.routine)
+            redis.Redis.from_url(REDIS_URL).delete(
+                settings.queues.urgent, settings.queues.routine, settings.export.queue
+            )
             db.drop()
 
 
