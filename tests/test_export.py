@@ -19,11 +19,10 @@ from typing import Any
 
 import pydicom
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from broker import make_celery, publish_export
-from db.exports import retry_now
-from db.models import Export, ExportState, InstanceResult
+from db.models import AuditEvent, Export, ExportState, InstanceResult
 from db.session import session_scope
 from hl7_io.oru import parse_oru
 from models.findings import get_finding
@@ -31,7 +30,10 @@ from tests.conftest import free_port, pydicom_data_file, shared_file
 from tests.plugins.ingest import wait_for
 from tests.plugins.mllp import MllpReceiver
 from tests.plugins.scoring import ScoringEnv, as_new_study, open_scoring_env, start_env_worker
+from tests.plugins.worklist import PASSWORD, csrf_from
 from tests.test_orthanc import Orthanc
+from worklist.app import create_app
+from worklist.users import add_user
 from xray_triage.status import collect_status
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -196,16 +198,34 @@ def test_a_dead_destination_fails_alone_and_retry_delivers_exactly_once(tmp_path
         assert len(delivered) >= 2  # the SR and at least the pneumonia heatmap
         assert len(orthanc_instances(good, study_uid)) == len(delivered)
 
-        # The destination comes back; an admin presses "retry now".
-        back = orthancs("back", down_port)
+        # The study page shows each destination's state; only an admin gets "retry now".
+        web = TestClient(create_app(env.settings), follow_redirects=False)
         with session_scope(env.factory) as s:
-            assert retry_now(s, down.id)
-        publish_export(make_celery(env.settings), env.settings, down.id)
+            add_user(s, "ada", PASSWORD, "admin")
+            add_user(s, "rad", PASSWORD, "radiologist")
+        rad = TestClient(web.app, follow_redirects=False)
+        rad.post("/api/login", json={"username": "rad", "password": PASSWORD}).raise_for_status()
+        assert "Retry now" not in rad.get(f"/studies/{study_uid}").text
+        web.post("/api/login", json={"username": "ada", "password": PASSWORD}).raise_for_status()
+        page = web.get(f"/studies/{study_uid}").text
+        assert "failed: no association with ORTHANC" in page and "Retry now" in page and "structured report" in page
+        admin = web.get("/admin").text
+        assert 'id="failed-exports"' in admin and "no association with ORTHANC" in admin
+
+        # The destination comes back; the admin presses "retry now".
+        back = orthancs("back", down_port)
+        form = {"csrf_token": csrf_from(page)}
+        r = web.post(f"/studies/{study_uid}/exports/{down.id}/retry", data=form)
+        assert r.status_code == 303, r.text
+        with env.factory() as s:
+            audit = s.scalars(select(AuditEvent).where(AuditEvent.action == "export_retry")).all()
+        assert [(a.username, a.study_uid, a.detail) for a in audit] == [("ada", study_uid, "down")]
         exports = wait_exports(env, study.id, {"down": ExportState.SENT})
         assert exports["down"].attempts == 1 and exports["down"].last_error is None
         stored = orthanc_instances(back, study_uid)
         assert sorted(str(d.SOPInstanceUID) for d in stored) == sorted(delivered)  # same UIDs, once each
         assert len(orthanc_instances(good, study_uid)) == len(delivered)  # the good one got nothing twice
+        assert f"sent {exports['down'].sent_at.isoformat()}" in web.get(f"/studies/{study_uid}").text
 
 
 def test_a_refusing_ris_is_export_failed_with_its_answer(tmp_path: Path) -> None:

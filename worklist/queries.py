@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session
 from db.models import (
     PENDING_STATES,
     AiState,
+    Export,
+    ExportState,
     Instance,
     InstanceResult,
     ReadState,
@@ -400,7 +402,46 @@ def study_detail(session: Session, study: Study, cfg: TriageConfig, web: WebConf
         "read_state_at": _iso(study.read_state_at),
         "instances": instances,
         "history": history,
+        "exports": study_exports(session, study.id),
     }
+
+
+def _export_dict(e: Export) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "destination": e.destination,
+        "kind": e.kind,
+        "state": str(e.state),
+        "attempts": e.attempts,
+        "last_error": e.last_error,
+        "model": e.model_ref,
+        "generation": e.generation,
+        "sent_at": _iso(e.sent_at),
+        "updated_at": _iso(e.updated_at),
+        "next_attempt_at": _iso(e.next_attempt_at) if e.state == ExportState.PENDING else None,
+        "objects": list(e.objects or []),
+        "retryable": e.state in (ExportState.FAILED, ExportState.PENDING),
+    }
+
+
+def study_exports(session: Session, study_id: int) -> list[dict[str, Any]]:
+    """Each destination's export of each result of the study, newest result first."""
+    rows = session.scalars(
+        select(Export).where(Export.study_id == study_id).order_by(Export.generation.desc(), Export.destination)
+    )
+    return [_export_dict(e) for e in rows]
+
+
+def failed_exports(session: Session, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest export_failed rows with their reasons (no patient data: UIDs, destination, error)."""
+    rows = session.execute(
+        select(Export, Study.study_uid)
+        .join(Study, Study.id == Export.study_id)
+        .where(Export.state == ExportState.FAILED)
+        .order_by(Export.updated_at.desc())
+        .limit(limit)
+    ).all()
+    return [{**_export_dict(e), "study_uid": uid} for e, uid in rows]
 
 
 def _iso(value: datetime | None) -> str | None:

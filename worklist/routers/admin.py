@@ -49,6 +49,7 @@ def admin_status(request: Request, session: Session) -> dict[str, Any]:
         "workers": health.workers(session, now, settings.web.worker_stale_s),
         "studies": queries.counts_by_state(session),
         "latest_failures": queries.latest_failures(session),
+        "failed_exports": queries.failed_exports(session),
     }
 
 
