@@ -59,14 +59,14 @@ class PriorityMessage:
     receiving_facility: str = ""
 
 
-def _header(msg: PriorityMessage) -> hl7.Message:
-    stamp = msg.when.strftime("%Y%m%d%H%M%S")
-    return hl7.parse(f"MSH|^~\\&|{SENDING_APPLICATION}|x|x|x|{stamp}||ORU^R01^ORU_R01|x|P|2.5|||AL|NE||UNICODE UTF-8")
+def _separators() -> hl7.Message:
+    """A message with our encoding characters, for python-hl7's escaping."""
+    return hl7.parse("MSH|^~\\&|" + SENDING_APPLICATION)
 
 
 def build_oru(msg: PriorityMessage) -> str:
     """The message as ER7 text (segments separated by CR)."""
-    container = _header(msg)
+    container = _separators()
 
     def e(value: object) -> str:
         # Separators and control characters escaped; other text kept as is, since MSH-18 says

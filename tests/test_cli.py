@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 import yaml
 
+from hl7_io.oru import parse_oru
 from tests.conftest import REPO
 from tests.plugins.ingest import echoscu, shared_file, storescu, wait_for
+from tests.plugins.mllp import MllpReceiver
 from xray_triage.cli import EXIT_CONFIG, build_parser, main
 
 CLI = [sys.executable, "-m", "xray_triage.cli"]
@@ -92,8 +95,12 @@ def test_db_upgrade_and_status(sqlite_backend, tmp_path, start_listener, capsys)
     assert report["studies"]["receiving"] == 1
 
 
-def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp_path):
-    settings = sqlite_backend.settings(tmp_path)
+def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp_path, request):
+    ris = MllpReceiver()  # with a destination configured, run also starts the export worker
+    request.addfinalizer(ris.close)
+    destination = {"name": "ris", "kind": "hl7", "host": "127.0.0.1", "port": ris.port}
+    export = {"destinations": [destination], "queue": f"xt-run-{os.getpid()}.export"}
+    settings = sqlite_backend.settings(tmp_path, export=export)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
     errors = (tmp_path / "run.err").open("w")
@@ -117,6 +124,13 @@ def test_run_prints_where_to_push_serves_and_stops_on_ctrl_c(sqlite_backend, tmp
         probe = _health(config, "listener")
         assert (probe.returncode, probe.stdout.strip()) == (0, "listener: C-ECHO success")
         wait_for(lambda: _health(config, "web").returncode == 0, timeout=180, what="health web to pass")
+        # A pushed study is scored and its priority reaches the RIS through run's export worker.
+        pushed = shared_file("dicom", "siim_cr_chest_pa_jpeg_baseline.dcm")
+        assert storescu(port, [pushed]).returncode == 0
+        wait_for(lambda: ris.messages, timeout=300, what="the priority message from run's export worker")
+        assert parse_oru(ris.messages[0]).study_uid == str(
+            pydicom.dcmread(pushed, stop_before_pixels=True).StudyInstanceUID
+        )
     finally:
         # Ctrl-C in a terminal reaches the whole process group.
         os.killpg(proc.pid, signal.SIGINT)

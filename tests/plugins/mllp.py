@@ -54,9 +54,14 @@ class MllpReceiver:
         self._loop.run_forever()
 
     def close(self) -> None:
-        def _stop() -> None:
+        async def _shutdown() -> None:
             self._server.close()
-            self._loop.stop()
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
-        self._loop.call_soon_threadsafe(_stop)
+        asyncio.run_coroutine_threadsafe(_shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
