@@ -120,7 +120,8 @@ def sr_probabilities(sr: pydicom.Dataset) -> dict[tuple[str, str], float]:
     return out
 
 
-def test_results_reach_the_pacs_and_the_ris_under_the_original_study(tmp_path: Path, orthancs) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_results_reach_the_pacs_and_the_ris_under_the_original_study(tmp_path: Path, orthancs, backend: str) -> None:
     orthanc = orthancs("pacs")
     ris = MllpReceiver()
     destinations = [
