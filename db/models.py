@@ -310,6 +310,34 @@ class Export(Base):
     )
 
 
+class TruthLabel(enum.StrEnum):
+    """What a radiologist (or an imported reference) says of one finding in a study."""
+
+    PRESENT = "present"
+    ABSENT = "absent"
+    UNCERTAIN = "uncertain"
+
+
+class GroundTruth(Base):
+    """The current reference label of one finding in one study, with who set it and how.
+
+    Changes are kept in the audit trail; this row is what measurements use.  ``source`` is
+    ``radiologist`` (the study page or API) or ``import`` (a CSV of a retrospective check).
+    """
+
+    __tablename__ = "ground_truth"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    finding: Mapped[str] = mapped_column(String(32))
+    label: Mapped[TruthLabel] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    recorded_by: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("study_id", "finding", name="uq_ground_truth_study_finding"),)
+
+
 class User(Base):
     """A worklist user; the password is stored only as an argon2id hash (salted, slow)."""
 

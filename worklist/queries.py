@@ -35,6 +35,7 @@ from db.models import (
     StudyState,
     ai_state_of,
 )
+from db.truth import truth_of
 from models.findings import FINDING_NAMES
 from settings import TriageConfig, WebConfig
 from triage.policy import AI_UNAVAILABLE, Level, priority_segments
@@ -403,6 +404,15 @@ def study_detail(session: Session, study: Study, cfg: TriageConfig, web: WebConf
         "instances": instances,
         "history": history,
         "exports": study_exports(session, study.id),
+        "truth": study_truth(session, study.id),
+    }
+
+
+def study_truth(session: Session, study_id: int) -> dict[str, dict[str, Any]]:
+    """Per finding the reference label recorded for the study, with its source, who and when."""
+    return {
+        f: {"label": str(t.label), "source": t.source, "by": t.recorded_by, "at": t.recorded_at.isoformat()}
+        for f, t in truth_of(session, study_id).items()
     }
 
 

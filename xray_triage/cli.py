@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from settings import ConfigError, Settings, effective_config, load_settings
@@ -227,6 +228,31 @@ def cmd_user_disable(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_truth_import(settings: Settings, args: argparse.Namespace) -> int:
+    import sqlalchemy.exc
+
+    from db.session import make_engine, make_sessionmaker, session_scope
+    from xray_triage.truth_import import TruthImportError, import_truth
+
+    engine = make_engine(settings.database.url, hide_parameters=True)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            rows = import_truth(session, Path(args.file), args.by)
+    except TruthImportError as exc:
+        for problem in exc.problems:
+            print(f"xray-triage: {problem}", file=sys.stderr)
+        print(f"xray-triage: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        print(f"xray-triage: the database cannot be written ({type(exc).__name__}); nothing imported", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        engine.dispose()
+    studies = len({r.study_id for r in rows})
+    print(f"imported {len(rows)} label(s) for {studies} stud{'y' if studies == 1 else 'ies'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xray-triage",
@@ -277,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("add", "password"):
             p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
         p.set_defaults(func=func)
+
+    truth = sub.add_parser("truth", help="radiologists' ground truth", description="radiologists' ground truth")
+    truth_sub = truth.add_subparsers(dest="truth_command", metavar="ACTION")
+    truth_sub.required = True
+    p = truth_sub.add_parser(
+        "import",
+        help="import reference labels from a CSV (study_uid or accession, finding, present); all or nothing",
+        description="import reference labels from a CSV (study_uid or accession, finding, present); all or nothing",
+    )
+    p.add_argument("file", help="CSV file with a header row")
+    p.add_argument("--by", default="import", help="who the labels are recorded as (default: import)")
+    p.set_defaults(func=cmd_truth_import)
 
     p = add("health", cmd_health, "probe a running service (exit 0 when healthy): container healthchecks")
     p.add_argument("service", choices=["listener", "web"], help="listener: a C-ECHO; web: GET /healthz")
