@@ -104,7 +104,8 @@ def test_bad_truth_requests_are_refused_and_change_nothing(worklist: WorklistApp
     )
     anonymous = worklist.client()
     # Without a session (and so without its CSRF token) it is refused before anything else.
-    assert anonymous.put("/api/studies/7.2/truth", json={"finding": "mass", "label": "present"}).status_code in (401, 403)
+    refused = anonymous.put("/api/studies/7.2/truth", json={"finding": "mass", "label": "present"})
+    assert refused.status_code in (401, 403)
     assert truth_rows(worklist) == {} and audit_details(worklist) == []
 
 
