@@ -127,6 +127,9 @@ class Study(Base):
     # The worker process scoring it (its heartbeat row's name): a stopped heartbeat re-queues it.
     processing_by: Mapped[str | None] = mapped_column(String(128))
     finished_at: Mapped[datetime | None] = mapped_column()
+    # Seconds from the end of the push (the association's release, else the last instance) to
+    # the committed priority: the "time to notification" the metrics report.
+    time_to_priority_s: Mapped[float | None] = mapped_column(Float)
     # Bumped every time the study is handed to the queue; a message carries it so a stale or
     # duplicated message (older generation) can be recognised by the worker.
     handoff_generation: Mapped[int] = mapped_column(Integer, default=0)

@@ -175,6 +175,10 @@ def test_results_reach_the_pacs_and_the_ris_under_the_original_study(tmp_path: P
                 assert msg.probabilities == {
                     get_finding(n).code.value: pytest.approx(v, abs=1e-4) for n, v in (result.scores or {}).items()
                 }
+                assert study.time_to_priority_s is not None and study.time_to_priority_s >= 0
+            # /metrics counts both pushes in the time-to-priority histogram of the calling AE.
+            metrics = TestClient(create_app(env.settings)).get("/metrics").text
+            assert f'xray_triage_time_to_priority_seconds_count{{calling_ae="{study.calling_ae}"}} 2.0' in metrics
     finally:
         ris.close()
 

@@ -1164,7 +1164,11 @@ def test_healthz_is_ok_with_a_live_worker_and_listener(worklist: WorklistApp, st
     assert body["checks"]["workers"] == {"ok": True, "alive": 1}
     broker = body["checks"]["broker"]
     assert broker["ok"] is True
-    assert set(broker["queues"]) == {worklist.settings.queues.urgent, worklist.settings.queues.routine}
+    assert set(broker["queues"]) == {
+        worklist.settings.queues.urgent,
+        worklist.settings.queues.routine,
+        worklist.settings.export.queue,
+    }
 
 
 def test_healthz_is_503_without_a_live_worker(worklist: WorklistApp, start_listener) -> None:

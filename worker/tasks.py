@@ -185,7 +185,15 @@ def finish_study(
     now: datetime,
     values: dict[str, Any] | None = None,
 ) -> bool:
-    """processing -> a final state, unless the study was re-opened meanwhile (then False)."""
+    """processing -> a final state, unless the study was re-opened meanwhile (then False).
+
+    Also stores the time from the end of the push (the association's release, else the last
+    instance) to this commit: the time-to-notification /metrics reports."""
+    ended = session.execute(select(Study.released_at, Study.last_instance_at).where(Study.id == study_id)).first()
+    waited: float | None = None
+    if ended is not None:
+        end = ended[0] if ended[0] is not None and ended[0] >= ended[1] else ended[1]
+        waited = max(0.0, (now - end).total_seconds())
     return move_state(
         session,
         study_id,
@@ -194,7 +202,7 @@ def finish_study(
         now,
         reason=reason,
         where=[Study.handoff_generation == generation],
-        values={"finished_at": now, **(values or {})},
+        values={"finished_at": now, "time_to_priority_s": waited, **(values or {})},
     )
 
 

@@ -20,7 +20,7 @@ CHECK_TIMEOUT_S = 3.0
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health")
 
 
-def _bounded(fn: Any, *args: Any) -> dict[str, Any]:
+def bounded(fn: Any, *args: Any) -> dict[str, Any]:
     future = _POOL.submit(fn, *args)
     try:
         return {"ok": True, **(future.result(timeout=CHECK_TIMEOUT_S) or {})}
@@ -39,7 +39,7 @@ def _database(factory: sessionmaker[Session]) -> dict[str, Any]:
 _CELERY_APPS: dict[str, Any] = {}
 
 
-def _broker(settings: Settings) -> dict[str, Any]:
+def broker_check(settings: Settings) -> dict[str, Any]:
     from broker import make_celery, queue_depths
 
     # One Celery app per broker URL for the process: a monitoring probe every few seconds
@@ -47,7 +47,7 @@ def _broker(settings: Settings) -> dict[str, Any]:
     app = _CELERY_APPS.get(settings.broker.url)
     if app is None:
         app = _CELERY_APPS.setdefault(settings.broker.url, make_celery(settings))
-    return {"queues": queue_depths(app, [settings.queues.urgent, settings.queues.routine])}
+    return {"queues": queue_depths(app, [settings.queues.urgent, settings.queues.routine, settings.export.queue])}
 
 
 def workers(session: Session, now: datetime, stale_after_s: float) -> list[dict[str, Any]]:
@@ -86,9 +86,9 @@ def _listener(settings: Settings) -> dict[str, Any]:
 
 def health(settings: Settings, factory: sessionmaker[Session], now: datetime) -> dict[str, Any]:
     checks = {
-        "listener": _bounded(_listener, settings),
-        "database": _bounded(_database, factory),
-        "broker": _bounded(_broker, settings),
-        "workers": _bounded(_workers, factory, now, settings.web.worker_stale_s),
+        "listener": bounded(_listener, settings),
+        "database": bounded(_database, factory),
+        "broker": bounded(broker_check, settings),
+        "workers": bounded(_workers, factory, now, settings.web.worker_stale_s),
     }
     return {"ok": all(c["ok"] for c in checks.values()), "checks": checks}
