@@ -66,6 +66,9 @@ class ModelCard:
     split: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     validation_metrics: dict[str, Any] = field(default_factory=dict)
+    # Validation score distributions, {population: {finding: counts per tenth of [0, 1]}}
+    # (models.metrics.score_histogram): what a site's scores are compared with for drift.
+    score_reference: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     test_metrics: dict[str, Any] = field(default_factory=dict)
     intended_use: str = INTENDED_USE
     limitations: list[str] = field(default_factory=lambda: list(DEFAULT_LIMITATIONS))

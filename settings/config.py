@@ -434,6 +434,21 @@ class ExportConfig(_Section):
         return next((d for d in self.destinations if d.name == name), None)
 
 
+class MonitoringConfig(_Section):
+    """The Performance page and `site-report` (docs/monitoring.md)."""
+
+    # Population stability index of a finding's scores against the card's validation
+    # distribution at or above which the page raises a drift alarm (0.25: a major shift).
+    psi_alarm: Annotated[float, Field(gt=0)] = 0.25
+    # PSI over a handful of studies is noise (an empty tenth alone scores 0.2): no drift
+    # judgement below this many scored studies in the period.
+    min_drift_studies: Annotated[int, Field(ge=1)] = 50
+    # Bootstrap replicates behind every interval (sensitivity, specificity, PPV, AUC).
+    bootstrap: Annotated[int, Field(ge=100, le=10000)] = 500
+    # Default period of the Performance page, in days back from now.
+    period_days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+
 class WebConfig(_Section):
     """The worklist web app and JSON API (``xray-triage web``, also started by ``run``)."""
 
@@ -476,6 +491,7 @@ class Settings(_Section):
     model: ModelConfig = ModelConfig()
     web: WebConfig = WebConfig()
     export: ExportConfig = ExportConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
     log_level: str = "INFO"
 
     @field_validator("log_level")

@@ -18,6 +18,7 @@ import pytest
 from models.card import ModelCard, render_markdown
 from models.card_sections import COLLECTIONS_TITLE
 from models.findings import FINDING_NAMES, label_vector
+from models.metrics import expected_calibration_error
 from tests.conftest import shared_file
 from training.collection_metrics import (
     COMPARISONS,
@@ -33,7 +34,6 @@ from training.collection_metrics import (
     wilson_interval,
     within_collection_auc,
 )
-from training.metrics import expected_calibration_error
 from training.readers import Record, read_covid_metadata, read_folder_per_class, read_nih_csv
 
 PNEU, MASS, COVID = (FINDING_NAMES.index(n) for n in ("pneumonia", "mass", "covid19"))

@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 
 from models.card_sections import render_collection_report
 from models.findings import FINDING_NAMES, FINDINGS, UNLABELLED
-from training.metrics import bootstrap_auc_ci, expected_calibration_error, logit, operating_point, safe_auc
+from models.metrics import bootstrap_auc_ci, expected_calibration_error, logit, operating_point, safe_auc
 from training.readers import Record
 
 __all__ = [

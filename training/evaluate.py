@@ -103,8 +103,8 @@ def evaluate(
     n_boot: int = 1000,
     n_examples: int = 12,
 ) -> Path:
+    from models import plots
     from models.registry import TriageModel
-    from training import plots
     from training.train import evaluate_arrays
 
     model = TriageModel.load(model_path)

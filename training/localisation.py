@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from models.findings import FINDING_NAMES
-from training.metrics import bootstrap_auc_ci, safe_auc
+from models.metrics import bootstrap_auc_ci, safe_auc
 from training.synthetic_nodules import add_synthetic_nodule, inside_nodule, lung_mask
 
 # Lenient hit: the maximum within this many pixels of the nodule edge.  The 224-px model's last

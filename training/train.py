@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from models import metrics as M
 from models.architectures import (
     CALIBRATION_LAYER,
     LOGITS_LAYER,
@@ -37,7 +38,6 @@ from models.architectures import (
 )
 from models.card import DEFAULT_LIMITATIONS, ModelCard
 from models.findings import DEFAULT_TARGET_SENSITIVITY, FINDING_NAMES
-from training import metrics as M
 from training.collection_metrics import collection_report, steering_evidence
 from training.readers import Record, read_dataset, read_shared_data, summarize
 from training.splits import apply_split, file_sha256, leaked_patients, patient_split, read_split, write_split
@@ -307,6 +307,15 @@ def _append_history(path: Path, row: dict[str, Any]) -> None:
         if new:
             w.writeheader()
         w.writerow(row)
+
+
+def score_reference(p: np.ndarray, populations: list[str]) -> dict[str, dict[str, list[int]]]:
+    """The card's validation score distributions per population and finding (drift reference)."""
+    pops = np.asarray(populations)
+    return {
+        pop: {n: M.score_histogram(p[pops == pop, j]) for j, n in enumerate(FINDING_NAMES)}
+        for pop in sorted(set(populations))
+    }
 
 
 def predict_array(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
@@ -608,6 +617,7 @@ def train(config: str | Path | TrainConfig, resume: bool = True, progress: bool 
             "population_counts_train": dict(Counter(pops[i] for i in tr)),
         },
         validation_metrics=val_metrics,
+        score_reference=score_reference(p_val, [pops[i] for i in va]),
         test_metrics=test_metrics,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from models.findings import DISCLAIMER
-from training.metrics import calibration_bins, labelled
+from models.metrics import calibration_bins, labelled
 
 
 def _finish(fig: Any, path: Path) -> Path:

@@ -1,6 +1,7 @@
-"""Metrics, operating thresholds and calibration, computed only over labelled entries.
+"""Metrics, operating thresholds, calibration and score drift, computed only over labelled entries.
 
-Kept free of Keras so the evaluation of a saved score file needs nothing but numpy/sklearn.
+Kept free of Keras so the evaluation of a saved score file needs nothing but numpy/sklearn;
+shared by training, `evaluate`, `site-report` and the web app's Performance page.
 """
 
 from __future__ import annotations
@@ -192,3 +193,40 @@ def finding_metrics(
     out["ece"] = expected_calibration_error(y, p)
     out["calibration_bins"] = calibration_bins(y, p)
     return out
+
+
+# Score distributions are compared on these equal-width bins of [0, 1].
+SCORE_BINS = 10
+
+
+def score_histogram(p: np.ndarray, bins: int = SCORE_BINS) -> list[int]:
+    """Counts of scores per equal-width bin of [0, 1] (1.0 falls in the last bin)."""
+    counts, _ = np.histogram(np.clip(np.asarray(p, dtype="float64"), 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    return [int(c) for c in counts]
+
+
+def population_stability_index(reference: list[int], observed: list[int], floor: float = 1e-4) -> float | None:
+    """PSI = sum((o - r) * ln(o / r)) over bins of the two distributions' shares.
+
+    Empty bins are floored so one empty bin does not make it infinite.  Common reading: below
+    0.1 no shift, 0.1-0.25 moderate, above 0.25 a major shift.  None when either side is empty.
+    """
+    r, o = np.asarray(reference, dtype="float64"), np.asarray(observed, dtype="float64")
+    if r.shape != o.shape or r.sum() == 0 or o.sum() == 0:
+        return None
+    rs = np.maximum(r / r.sum(), floor)
+    os_ = np.maximum(o / o.sum(), floor)
+    return float(np.sum((os_ - rs) * np.log(os_ / rs)))
+
+
+def bootstrap_rate_ci(
+    hits: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile interval of a proportion (sensitivity, specificity, PPV) by resampling its cases."""
+    hits = np.asarray(hits, dtype="float64")
+    if len(hits) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    means = rng.choice(hits, size=(n_boot, len(hits))).mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
