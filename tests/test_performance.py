@@ -120,3 +120,34 @@ def test_the_page_shows_figures_plots_and_the_alarm_to_admins_only(site: Worklis
     assert radiologist.get("/admin/performance").status_code == 403
     assert radiologist.get("/api/admin/performance").status_code == 403
     assert admin.get("/api/admin/performance", params={"since": "yesterday"}).status_code == 400
+
+
+def test_site_report_writes_the_figures_and_proposes_thresholds(site: WorklistApp, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    config = tmp_path / "site.yaml"
+    config.write_text(yaml.safe_dump(json.loads(site.settings.model_dump_json())))
+    since = (utcnow() - timedelta(days=30)).date().isoformat()
+    out = tmp_path / "report"
+    cli = [sys.executable, "-m", "xray_triage.cli", "--config", str(config), "site-report", "--since", since,
+           "--out", str(out), "--target-sensitivity", "0.95"]  # fmt: skip
+    result = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.png", "metrics.json", "report.md", "roc.png"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    pn = metrics["findings"]["pneumonia"]
+    assert pn["sensitivity"]["value"] == pytest.approx(2 / 3) and pn["auc"]["value"] == pytest.approx(4 / 6)
+    # 95 % of three positives: all of them, so the lowest positive score; one of two negatives lies below it.
+    assert pn["proposed"]["threshold"] == pytest.approx(0.35)
+    assert pn["proposed"]["sensitivity"]["value"] == 1.0 and pn["proposed"]["specificity"]["value"] == 0.5
+    assert "proposed" not in metrics["findings"]["mass"]  # no labels: nothing to propose
+    report = (out / "report.md").read_text()
+    assert "not for diagnostic use" in report and "| pneumonia | 0.500 | 0.3500 |" in report
+    again = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a report

@@ -253,6 +253,24 @@ def cmd_truth_import(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_report(settings: Settings, args: argparse.Namespace) -> int:
+    from xray_triage.site_report import day_end, parse_day, write_site_report
+
+    try:
+        since = parse_day(args.since)
+        until = day_end(args.until) if args.until else None
+    except ValueError:
+        print("xray-triage: --since and --until take a date YYYY-MM-DD", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        print(f"xray-triage: {out} exists; choose a new folder", file=sys.stderr)
+        return EXIT_USAGE
+    folder = write_site_report(settings, since, until, out, args.target_sensitivity)
+    print(f"site report written to {folder}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xray-triage",
@@ -315,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="CSV file with a header row")
     p.add_argument("--by", default="import", help="who the labels are recorded as (default: import)")
     p.set_defaults(func=cmd_truth_import)
+
+    p = add("site-report", cmd_site_report, "measure the model on this site's labelled studies; propose thresholds")
+    p.add_argument("--since", required=True, help="first day, YYYY-MM-DD")
+    p.add_argument("--until", help="last day, YYYY-MM-DD (default: today)")
+    p.add_argument("--out", help="new folder for the report (default: ./site-report-<UTC time>)")
+    p.add_argument("--target-sensitivity", type=float, help="for the proposed thresholds (default: the card's)")
 
     p = add("health", cmd_health, "probe a running service (exit 0 when healthy): container healthchecks")
     p.add_argument("service", choices=["listener", "web"], help="listener: a C-ECHO; web: GET /healthz")
