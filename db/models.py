@@ -341,6 +341,29 @@ class GroundTruth(Base):
     __table_args__ = (UniqueConstraint("study_id", "finding", name="uq_ground_truth_study_finding"),)
 
 
+class SiteOverride(Base):
+    """One audited change of a site setting made in the web app: append-only.
+
+    ``key`` is ``threshold:<finding>`` (a site threshold; null returns the finding to the
+    card's) or ``silent_mode``.  The current value of a key is its newest row; a rollback is a
+    new row whose value is an earlier row's ``previous``.  The configuration file stays the
+    base these override.
+    """
+
+    __tablename__ = "site_override"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    value: Mapped[object | None] = mapped_column(JSON)
+    previous: Mapped[object | None] = mapped_column(JSON)
+    set_by: Mapped[str] = mapped_column(String(64))
+    set_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # What the decision rests on, e.g. the site report's folder name.
+    evidence: Mapped[str] = mapped_column(Text)
+    # Set on a rollback: the row it undid.
+    rolls_back: Mapped[int | None] = mapped_column(Integer)
+
+
 class User(Base):
     """A worklist user; the password is stored only as an argon2id hash (salted, slow)."""
 

@@ -50,6 +50,7 @@ from models.registry import TriageModel
 from settings import Settings
 from triage.policy import AI_UNAVAILABLE, Decision, Level
 from triage.service import Scorer
+from triage.site import site_settings
 from worker.export import create_exports, run_export
 from worker.heartbeat import HeartbeatThread, TaskCounter, WorkerIdentity
 from worker.scoring import decide_study, final_state, pending_instances, run_pipeline_many, store_results
@@ -262,6 +263,7 @@ def score_batch(
     started = utcnow()
     with factory() as session:
         works = [pending_instances(session, c.study_id, model.ref) for c in batch]
+        settings = site_settings(session, settings)  # audited overrides take effect per batch
     scorer = Scorer(model, settings)  # thresholds and steering per population, once per batch
     all_rows = run_pipeline_many(scorer, works, settings)
     outcomes = []

@@ -23,7 +23,19 @@ from db.session import make_engine, make_sessionmaker
 from models.findings import DISCLAIMER, FINDINGS
 from settings import Settings
 from worklist import errors, queries
-from worklist.routers import admin, analyse, auth, exports, health, metrics, performance, study, truth, worklist
+from worklist.routers import (
+    admin,
+    analyse,
+    auth,
+    exports,
+    health,
+    metrics,
+    performance,
+    site_settings,
+    study,
+    truth,
+    worklist,
+)
 from worklist.security import CSRF_HEADER, session_secret
 
 HERE = Path(__file__).resolve().parent
@@ -38,7 +50,7 @@ DOCS_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
     "img-src 'self' data:; worker-src 'self' blob:; frame-ancestors 'none'"
 )
-ROUTERS = (auth, worklist, study, truth, exports, analyse, admin, performance, health, metrics)
+ROUTERS = (auth, worklist, study, truth, exports, analyse, admin, site_settings, performance, health, metrics)
 
 
 async def _security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from db.models import Study, utcnow
 from dicom_io.uids import is_valid_uid
 from settings import Settings
+from triage.site import site_settings
 from worklist import queries, sessions
 from worklist.security import csrf_matches, new_csrf_token
 from worklist.users import CurrentUser
@@ -50,6 +51,15 @@ def db(request: Request) -> Iterator[Session]:
 
 Db = Annotated[Session, Depends(db)]
 Config = Annotated[Settings, Depends(settings_of)]
+
+
+def site_settings_of(request: Request, session: Db) -> Settings:
+    """The configuration with the site's audited overrides (thresholds, silent mode) applied now."""
+    return site_settings(session, settings_of(request))
+
+
+# What scoring, ordering and the admin page use: a change made on the admin page applies at once.
+SiteConfig = Annotated[Settings, Depends(site_settings_of)]
 
 
 def csrf_token(request: Request) -> str:

@@ -8,13 +8,15 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import utcnow
+from db.overrides import current_overrides, history
 from models.card import ModelCard
 from models.operating_points import ADULT, PAEDIATRIC
 from models.registry import resolve_model_path
 from settings import Settings, effective_config
 from triage.operating import card_points, card_steering, steering_reasons
 from worklist import health, queries
-from worklist.deps import Admin, Db, page, settings_of
+from worklist.deps import Admin, Db, page, site_settings_of
+from worklist.routers.site_settings import override_dict
 
 router = APIRouter()
 
@@ -37,7 +39,7 @@ def _model_status(settings: Settings) -> dict[str, Any]:
 
 
 def admin_status(request: Request, session: Session) -> dict[str, Any]:
-    settings = settings_of(request)
+    settings = site_settings_of(request, session)
     factory: sessionmaker[Session] = request.app.state.factory
     now = utcnow()
     status = health.health(settings, factory, now)
@@ -50,6 +52,11 @@ def admin_status(request: Request, session: Session) -> dict[str, Any]:
         "studies": queries.counts_by_state(session),
         "latest_failures": queries.latest_failures(session),
         "failed_exports": queries.failed_exports(session),
+        "overrides": {
+            "current": current_overrides(session),
+            "history": [override_dict(r) for r in history(session)],
+            "newest": {k: r.id for r in reversed(history(session, 1000)) for k in [r.key]},
+        },
     }
 
 

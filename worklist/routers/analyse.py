@@ -13,7 +13,7 @@ from models.findings import DISCLAIMER
 from settings import Settings
 from triage.service import Scorer
 from worklist import audit, imaging
-from worklist.deps import ApiCsrf, Db, User, check_csrf, page, settings_of
+from worklist.deps import ApiCsrf, Db, User, check_csrf, page, settings_of, site_settings_of
 from worklist.security import CSRF_FIELD
 from worklist.users import CurrentUser
 
@@ -28,12 +28,15 @@ class LazyScorer:
         self._lock = threading.Lock()
         self._scorer: Scorer | None = None
 
-    def get(self) -> Scorer:
+    def get(self, settings: Settings | None = None) -> Scorer:
+        """The scorer for `settings` (the site's effective ones): rebuilt, model kept, when an
+        audited override changed the triage section since the last upload."""
+        settings = settings or self._settings
         with self._lock:
-            if self._scorer is None:
+            if self._scorer is None or self._scorer.settings.triage != settings.triage:
                 from models.registry import get_model
 
-                self._scorer = Scorer(get_model(settings=self._settings), self._settings)
+                self._scorer = Scorer(get_model(settings=settings), settings)
             return self._scorer
 
 
@@ -47,7 +50,7 @@ def _analyse(request: Request, upload: UploadFile, user: CurrentUser, session: S
         raise HTTPException(400, "empty file")
     scorer: LazyScorer = request.app.state.scorer
     try:
-        result = imaging.analyse(data, scorer.get())
+        result = imaging.analyse(data, scorer.get(site_settings_of(request, session)))
     except imaging.UnreadableImage as exc:
         raise HTTPException(400, str(exc)) from None
     audit.record(session, user.username, "analyse", utcnow(), None, f"{result.kind}, {len(data)} bytes")

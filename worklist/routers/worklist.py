@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from db.models import Study, utcnow
 from models.findings import DISCLAIMER
 from worklist import queries
-from worklist.deps import Db, User, page, settings_of
+from worklist.deps import Db, User, page, site_settings_of
 
 router = APIRouter()
 
@@ -38,7 +38,7 @@ class AeTitles:
 
 
 def _worklist(request: Request, session: Session, q: queries.WorklistQuery) -> queries.Page:
-    settings = settings_of(request)
+    settings = site_settings_of(request, session)
     return queries.worklist_page(session, q, settings.triage, settings.web, utcnow())
 
 
@@ -54,7 +54,7 @@ def worklist_page(request: Request, session: Db, user: User, q: WorklistParams) 
         q=q,
         ae_titles=ae_titles.get(session),
         params=q.as_params(),
-        silent=settings_of(request).triage.silent_mode,
+        silent=site_settings_of(request, session).triage.silent_mode,
     )
 
 
