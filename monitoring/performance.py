@@ -226,3 +226,59 @@ def site_performance(
         "breakdown": breakdown(studies),
         "operational": operational(session, f),
     }
+
+
+def _scores_by_study(
+    session: Session, study_ids: list[int], model_ref: str
+) -> dict[int, tuple[dict[str, float], dict[str, bool]]]:
+    """Per study, one model's highest score and any flag per finding."""
+    out: dict[int, tuple[dict[str, float], dict[str, bool]]] = {}
+    for chunk in range(0, len(study_ids), 500):
+        part = study_ids[chunk : chunk + 500]
+        rows = session.scalars(
+            select(InstanceResult).where(
+                InstanceResult.study_id.in_(part),
+                InstanceResult.model_ref == model_ref,
+                InstanceResult.outcome == "scored",
+            )
+        )
+        for res in rows:
+            scores, flags = out.setdefault(res.study_id, ({}, {}))
+            for name, score in (res.scores or {}).items():
+                scores[name] = max(float(score), scores.get(name, -1.0))
+                flags[name] = flags.get(name, False) or bool((res.flags or {}).get(name))
+    return out
+
+
+def compare_models(
+    session: Session, f: Filters, primary_ref: str, shadow_ref: str, n_boot: int = 500
+) -> dict[str, Any]:
+    """The primary and the shadow on the same studies: flag rates, agreement and, with truth, AUCs."""
+    studies = {s.study_id: s for s in scored_studies(session, Filters(f.since, f.until, f.calling_ae, primary_ref))}
+    shadow = _scores_by_study(session, list(studies), shadow_ref)
+    both = [sid for sid in studies if sid in shadow]
+    findings: dict[str, Any] = {}
+    for name in FINDING_NAMES:
+        ids = [sid for sid in both if name in studies[sid].scores and name in shadow[sid][0]]
+        pf = np.array([studies[sid].flags.get(name, False) for sid in ids], dtype=bool)
+        sf = np.array([shadow[sid][1].get(name, False) for sid in ids], dtype=bool)
+        entry: dict[str, Any] = {
+            "studies": len(ids),
+            "primary_flag_rate": float(pf.mean()) if len(ids) else None,
+            "shadow_flag_rate": float(sf.mean()) if len(ids) else None,
+            "agreement": float((pf == sf).mean()) if len(ids) else None,
+        }
+        labelled = [sid for sid in ids if name in studies[sid].truth]
+        if labelled:
+            y = np.array([studies[sid].truth[name] for sid in labelled], dtype=int)
+            for who, scores in (
+                ("primary", [studies[sid].scores[name] for sid in labelled]),
+                ("shadow", [shadow[sid][0][name] for sid in labelled]),
+            ):
+                p = np.array(scores, dtype="float64")
+                auc = safe_auc(y, p)
+                ci = bootstrap_auc_ci(y, p, n_boot=n_boot) if auc is not None else None
+                entry[f"{who}_auc"] = {"value": auc, "ci95": list(ci) if ci else None}
+            entry["labelled"] = {"n": len(y), "n_pos": int((y == 1).sum()), "n_neg": int((y == 0).sum())}
+        findings[name] = entry
+    return {"primary": primary_ref, "shadow": shadow_ref, "studies": len(both), "findings": findings}

@@ -307,6 +307,9 @@ class WorkerConfig(_Section):
 class ModelConfig(_Section):
     # Folder with model.keras + card.json, or a .keras file; None: $XRAY_TRIAGE_MODEL, else models/default.
     path: str | None = None
+    # A second model scored after the primary on the same studies, stored under its own version,
+    # compared on the Performance page; it never steers, never flags a study, never exports.
+    shadow_path: str | None = None
 
 
 class PixelsConfig(_Section):

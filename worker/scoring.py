@@ -148,20 +148,24 @@ def run_pipeline(scorer: Scorer, work: StudyWork, settings: Settings) -> tuple[l
     return rows, scorer.forward_s - before
 
 
-def run_pipeline_many(scorer: Scorer, works: list[StudyWork], settings: Settings) -> list[list[ResultRow]]:
+def run_pipeline_many(
+    scorer: Scorer, works: list[StudyWork], settings: Settings, heatmaps: bool = True
+) -> list[list[ResultRow]]:
     """Judge every pending instance of several studies in shared forward passes (``Scorer.judge``);
     one list of rows per study, in order.
 
     An ineligible instance is not scored.  Heatmaps are stored for flagged findings as RGBA PNGs
     of the map alone (``models.heatmap_image.colorize``), the size of the model tensor,
     letterbox padding included: the viewer crops them with ``crop_letterbox`` and overlays them
-    on its own rendering at any opacity.
+    on its own rendering at any opacity.  ``heatmaps=False`` (a shadow model) stores none.
     """
     from models.heatmap_image import colorize
 
     spool = Path(settings.storage.spool_dir)  # spool paths are stored relative to its root
     inputs = [ImageInput(inst.sop_instance_uid, spool / inst.spool_path) for w in works for inst in w.instances]
-    judged = iter(scorer.judge(inputs, score_ineligible=False, heatmaps=True, batch_size=settings.worker.batch_size))
+    judged = iter(
+        scorer.judge(inputs, score_ineligible=False, heatmaps=heatmaps, batch_size=settings.worker.batch_size)
+    )
     findings = list(scorer.model.card.findings)
     out: list[list[ResultRow]] = []
     # Each PNG is fsynced (the worklist links it once the result commits); the waits overlap in
@@ -172,16 +176,16 @@ def run_pipeline_many(scorer: Scorer, works: list[StudyWork], settings: Settings
             rows: list[ResultRow] = []
             for inst in work.instances:
                 j = next(judged)
-                if j.outcome != SCORED or j.heatmaps is None:
+                if j.outcome != SCORED or (heatmaps and j.heatmaps is None):
                     rows.append(ResultRow(inst, j.as_outcome(), None, None, None))
                     continue
                 paths: dict[str, str] = {}
                 for k, f in enumerate(findings):
-                    if j.flags.get(f):
+                    if j.heatmaps is not None and j.flags.get(f):
                         path = heatmap_path(settings, work.study_uid, inst.sop_instance_uid, f)
                         written.append(writers.submit(_write_png, path, colorize(j.heatmaps[k])))
                         paths[f] = str(path)
-                rows.append(ResultRow(inst, j.as_outcome(), j.flags, dict(j.thresholds), paths))
+                rows.append(ResultRow(inst, j.as_outcome(), j.flags, dict(j.thresholds), paths if heatmaps else None))
             out.append(rows)
         for future in written:
             future.result()  # a failed write fails the batch, as it did inline

@@ -295,7 +295,35 @@ def score_batch(
             if applied and state is StudyState.SCORED:
                 exports = create_exports(session, claimed.study_id, claimed.generation, model.ref, settings)
         outcomes.append(Outcome(state, decision, applied, exports))
+    if settings.model.shadow_path:
+        score_shadow(factory, settings, [c.study_id for c in batch], started)
     return outcomes
+
+
+def score_shadow(factory: sessionmaker[Session], settings: Settings, study_ids: list[int], started: datetime) -> None:
+    """Score the same studies with the shadow model and store its results under its own version.
+
+    After the primary's results are committed, so the radiologist never waits for it; judged at
+    its own card's thresholds (site thresholds are for the primary); no heatmaps, no state, no
+    priority, no export.  A failure is logged and changes nothing."""
+    from dicom_io.pixels import PIPELINE_VERSION
+    from models.registry import get_model
+
+    try:
+        shadow = get_model(settings.model.shadow_path)
+        if shadow.ref == scoring_model(settings).ref:
+            return
+        own = settings.model_copy(
+            update={"triage": settings.triage.model_copy(update={"thresholds": {}, "critical_thresholds": {}})}
+        )
+        with factory() as session:
+            works = [pending_instances(session, sid, shadow.ref) for sid in study_ids]
+        rows = run_pipeline_many(Scorer(shadow, own), works, own, heatmaps=False)
+        with session_scope(factory) as session:
+            for work, study_rows in zip(works, rows, strict=True):
+                store_results(session, work, study_rows, shadow.ref, PIPELINE_VERSION, started, utcnow())
+    except Exception as exc:  # noqa: BLE001 - the shadow must never cost a study its result
+        log.warning("shadow model: scoring failed, primary results unaffected: %s: %s", type(exc).__name__, exc)
 
 
 def fail_claimed(factory: sessionmaker[Session], study_id: int, generation: int, reason: str) -> bool:

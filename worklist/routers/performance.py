@@ -23,7 +23,7 @@ from db.models import Study, utcnow
 from models.card import ModelCard
 from models.findings import FINDING_NAMES
 from models.registry import resolve_model_path
-from monitoring.performance import Filters, label_matrix, scored_studies, site_performance
+from monitoring.performance import Filters, compare_models, label_matrix, scored_studies, site_performance
 from settings import Settings
 from worklist.deps import Admin, Db, page, settings_of
 
@@ -78,11 +78,24 @@ def _plots(session: Session, f: Filters) -> dict[str, str]:
     return out
 
 
+def _card_ref(path: str | None, settings: Settings) -> str | None:
+    try:
+        return ModelCard.load(resolve_model_path(path, settings=None if path else settings).parent / "card.json").ref
+    except Exception:  # noqa: BLE001 - no card, no comparison
+        return None
+
+
 def _performance(session: Session, f: Filters, settings: Settings) -> dict[str, Any]:
     cfg = settings.monitoring
-    return site_performance(
+    perf = site_performance(
         session, f, _reference(settings), cfg.psi_alarm, cfg.bootstrap, min_drift_studies=cfg.min_drift_studies
     )
+    perf["shadow"] = None
+    if settings.model.shadow_path:
+        primary, shadow = f.model_ref or _card_ref(None, settings), _card_ref(settings.model.shadow_path, settings)
+        if primary and shadow and primary != shadow:
+            perf["shadow"] = compare_models(session, f, primary, shadow, cfg.bootstrap)
+    return perf
 
 
 def _options(session: Session) -> dict[str, list[str]]:
@@ -121,6 +134,4 @@ def api_performance(
     sensitivity, specificity, PPV and AUC with 95 % bootstrap intervals; per calling AE and model; operations."""
     settings = settings_of(request)
     f = _filters(settings, since, until, calling_ae, model)
-    return site_performance(
-        session, f, _reference(settings), settings.monitoring.psi_alarm, settings.monitoring.bootstrap
-    )
+    return _performance(session, f, settings)
