@@ -70,7 +70,8 @@ def render_markdown(perf: dict[str, Any], card: ModelCard | None, target: float)
     lines += [
         "",
         "A proposal is evidence, not a setting: nothing here changes what the worker does. A site that "
-        "decides to use one sets it in `triage.thresholds` of its configuration.",
+        "decides to use one applies it on the admin page, with this report as its evidence (audited, "
+        "can be rolled back).",
         "",
         "![ROC](roc.png)",
         "",
