@@ -12,6 +12,9 @@ from db.models import SiteOverride
 
 SILENT_MODE = "silent_mode"
 THRESHOLD_PREFIX = "threshold:"
+# The primary and the shadow model's folders, swapped by an admin's promotion of the shadow.
+MODEL_PATH = "model:path"
+SHADOW_PATH = "model:shadow_path"
 
 
 def current_overrides(session: Session) -> dict[str, Any]:

@@ -78,6 +78,26 @@ def test_shadow_scores_beside_the_primary_and_never_steers_or_exports(tmp_path: 
             pn = comparison["findings"]["pneumonia"]
             same = bool((primary.flags or {})["pneumonia"]) == bool((shadow.flags or {})["pneumonia"])
             assert pn["agreement"] == (1.0 if same else 0.0)
-            assert f"Shadow model {shadow_ref}" in web.get("/admin/performance").text
+            page = web.get("/admin/performance").text
+            assert f"Shadow model {shadow_ref}" in page and f"Promote {shadow_ref} to primary" in page
+
+            # An admin promotes the shadow, with evidence: the next study is the other model's.
+            token = web.get("/api/me").json()["csrf_token"]
+            headers = {"X-CSRF-Token": token}
+            direct = {"key": "model:path", "value": "/tmp", "evidence": "sneaky"}
+            assert web.post("/api/admin/overrides", json=direct, headers=headers).status_code == 422
+            promoted = web.post("/api/admin/promote-shadow", json={"evidence": "a month side by side"}, headers=headers)
+            assert promoted.json() == {"primary": shadow_ref, "shadow": primary_ref}
+            second = as_new_study(pydicom_data_file("RG1_UNCR.dcm"), tmp_path / "push" / "rg1-b.dcm")
+            env.push([second])
+            study2 = env.wait_final(str(pydicom.dcmread(second, stop_before_pixels=True).StudyInstanceUID))
+            assert study2.model_ref == shadow_ref
+            with env.factory() as s:
+                refs = {
+                    r.model_ref for r in s.scalars(select(InstanceResult).where(InstanceResult.study_id == study2.id))
+                }
+            assert shadow_ref in refs
+            wait_for(lambda: len(ris.messages) == 2, timeout=60, what="the export of the promoted model's result")
+            assert shadow_ref in ris.messages[1]
     finally:
         ris.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db.overrides import SILENT_MODE, THRESHOLD_PREFIX, current_overrides
+from db.overrides import MODEL_PATH, SHADOW_PATH, SILENT_MODE, THRESHOLD_PREFIX, current_overrides
 from models.findings import FINDING_NAMES
 from settings import Settings
 
@@ -31,6 +31,10 @@ def check_value(key: str, value: Any) -> Any:
         if not isinstance(value, bool):
             raise OverrideError("silent_mode must be true or false")
         return value
+    if key in (MODEL_PATH, SHADOW_PATH):
+        if value is not None and not isinstance(value, str):
+            raise OverrideError("a model is given by its folder")
+        return value
     if not key.startswith(THRESHOLD_PREFIX) or key[len(THRESHOLD_PREFIX) :] not in FINDING_NAMES:
         raise OverrideError(f"unknown setting {key!r}; choose from {', '.join(keys())}")
     if value is None:
@@ -46,13 +50,18 @@ def apply_overrides(settings: Settings, overrides: dict[str, Any]) -> Settings:
         return settings
     thresholds = dict(settings.triage.thresholds)
     silent = settings.triage.silent_mode
+    model = settings.model
     for key, value in overrides.items():
-        if key == SILENT_MODE:
+        if key == MODEL_PATH:
+            model = model.model_copy(update={"path": str(value)})
+        elif key == SHADOW_PATH:
+            model = model.model_copy(update={"shadow_path": str(value)})
+        elif key == SILENT_MODE:
             silent = bool(value)
         elif key.startswith(THRESHOLD_PREFIX) and key[len(THRESHOLD_PREFIX) :] in FINDING_NAMES:
             thresholds[key[len(THRESHOLD_PREFIX) :]] = float(value)
     triage = settings.triage.model_copy(update={"thresholds": thresholds, "silent_mode": silent})
-    return settings.model_copy(update={"triage": triage})
+    return settings.model_copy(update={"triage": triage, "model": model})
 
 
 def site_settings(session: Session, settings: Settings) -> Settings:

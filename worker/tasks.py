@@ -260,10 +260,14 @@ def score_batch(
     never touches another's)."""
     from dicom_io.pixels import PIPELINE_VERSION
 
+    base_model_path = settings.model.path
+
     started = utcnow()
     with factory() as session:
-        works = [pending_instances(session, c.study_id, model.ref) for c in batch]
         settings = site_settings(session, settings)  # audited overrides take effect per batch
+        if settings.model.path != base_model_path:
+            model = scoring_model(settings)  # an admin promoted another model: loaded once, then cached
+        works = [pending_instances(session, c.study_id, model.ref) for c in batch]
     scorer = Scorer(model, settings)  # thresholds and steering per population, once per batch
     all_rows = run_pipeline_many(scorer, works, settings)
     outcomes = []

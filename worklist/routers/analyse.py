@@ -33,7 +33,10 @@ class LazyScorer:
         audited override changed the triage section since the last upload."""
         settings = settings or self._settings
         with self._lock:
-            if self._scorer is None or self._scorer.settings.triage != settings.triage:
+            if self._scorer is None or (self._scorer.settings.triage, self._scorer.settings.model) != (
+                settings.triage,
+                settings.model,
+            ):
                 from models.registry import get_model
 
                 self._scorer = Scorer(get_model(settings=settings), settings)

@@ -14,11 +14,14 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
 
 from db.models import SiteOverride, utcnow
+from db.overrides import MODEL_PATH, SHADOW_PATH, THRESHOLD_PREFIX, current_overrides, history, newest_for
 from db.overrides import change as record_change
-from db.overrides import current_overrides, history, newest_for
+from models.card import ModelCard
+from models.registry import resolve_model_path
+from settings import Settings
 from triage.site import OverrideError, check_value
 from worklist import audit
-from worklist.deps import Admin, ApiCsrf, Db, check_csrf
+from worklist.deps import Admin, ApiCsrf, Db, check_csrf, site_settings_of
 from worklist.security import CSRF_FIELD
 from worklist.users import CurrentUser
 
@@ -32,7 +35,11 @@ class OverrideChange(BaseModel):
 
 
 def _shown(value: Any) -> str:
-    return "-" if value is None else str(value).lower() if isinstance(value, bool) else f"{value:g}"
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def override_dict(row: SiteOverride) -> dict[str, Any]:
@@ -49,8 +56,16 @@ def override_dict(row: SiteOverride) -> dict[str, Any]:
 
 
 def _change(
-    session: Session, key: str, value: Any, evidence: str, user: CurrentUser, rolls_back: int | None = None
+    session: Session,
+    key: str,
+    value: Any,
+    evidence: str,
+    user: CurrentUser,
+    rolls_back: int | None = None,
+    commit: bool = True,
 ) -> SiteOverride:
+    if key in (MODEL_PATH, SHADOW_PATH) and not evidence.startswith(("promotion of", "rollback of")):
+        raise HTTPException(422, "the models change only by promoting the shadow model (Performance page)")
     try:
         value = check_value(key, value)
     except OverrideError as exc:
@@ -64,7 +79,8 @@ def _change(
     what = f"rollback of #{rolls_back}: " if rolls_back else ""
     audit.record(session, user.username, "site_override", now, None,
                  f"{what}{key}: {_shown(previous)} -> {_shown(value)} (evidence: {evidence})"[:1000])  # fmt: skip
-    session.commit()
+    if commit:
+        session.commit()
     return row
 
 
@@ -134,3 +150,54 @@ def api_change(session: Db, user: Admin, body: OverrideChange) -> dict[str, Any]
 def api_rollback(session: Db, user: Admin, override_id: int) -> dict[str, Any]:
     """Undo the newest change of a setting (recorded as a change of its own)."""
     return override_dict(_rollback(session, override_id, user))
+
+
+class Promotion(BaseModel):
+    evidence: str = Field(min_length=3, max_length=500)
+
+
+def _model_folder(path: str | None, settings: Settings) -> tuple[str, str]:
+    """(folder, model ref) of a configured model, or 409 when its card cannot be read."""
+    try:
+        folder = resolve_model_path(path, settings=None if path else settings).parent
+        return str(folder), ModelCard.load(folder / "card.json").ref
+    except Exception as exc:  # noqa: BLE001 - a missing or broken model is the admin's to fix
+        raise HTTPException(409, f"the model cannot be read: {type(exc).__name__}") from None
+
+
+def _promote(request: Request, session: Session, evidence: str, user: CurrentUser) -> dict[str, Any]:
+    settings = site_settings_of(request, session)
+    if not settings.model.shadow_path:
+        raise HTTPException(409, "no shadow model is configured (model.shadow_path)")
+    shadow_folder, shadow_ref = _model_folder(settings.model.shadow_path, settings)
+    primary_folder, primary_ref = _model_folder(settings.model.path, settings)
+    note = f"promotion of {shadow_ref} over {primary_ref}: {evidence.strip()}"
+    _change(session, MODEL_PATH, shadow_folder, note, user, commit=False)
+    _change(session, SHADOW_PATH, primary_folder, note, user, commit=False)
+    # Site thresholds were chosen for the previous model's scores: they do not carry over.
+    for key in [k for k in current_overrides(session) if k.startswith(THRESHOLD_PREFIX)]:
+        _change(session, key, None, f"cleared by the {note}", user, commit=False)
+    session.commit()
+    return {"primary": shadow_ref, "shadow": primary_ref}
+
+
+@router.post("/api/admin/promote-shadow", tags=["admin"], dependencies=[ApiCsrf])
+def api_promote(request: Request, session: Db, user: Admin, body: Promotion) -> dict[str, Any]:
+    """Make the shadow model the primary (and the primary the shadow) for the next batch, audited;
+    site thresholds set for the previous model are cleared."""
+    return _promote(request, session, body.evidence, user)
+
+
+@router.post("/admin/promote-shadow", include_in_schema=False)
+def promote_form(
+    request: Request,
+    session: Db,
+    user: Admin,
+    evidence: Annotated[str, Form()] = "",
+    csrf_token_: Annotated[str | None, Form(alias=CSRF_FIELD)] = None,
+) -> Response:
+    check_csrf(request, csrf_token_)
+    if len(evidence.strip()) < 3:
+        raise HTTPException(422, "say what the promotion rests on (e.g. the Performance page's period)")
+    _promote(request, session, evidence, user)
+    return RedirectResponse("/admin/performance#shadow", status_code=303)
