@@ -125,3 +125,24 @@ def test_queue_names_fit_the_database_column() -> None:
     with pytest.raises(ConfigError, match=r"queues\.urgent: String should have at most 64 characters"):
         load_settings(None, environ={"XRAY_TRIAGE_QUEUES__URGENT": "q" * 65})
     assert load_settings(None, environ={"XRAY_TRIAGE_QUEUES__URGENT": "q" * 64}).queues.urgent == "q" * 64
+
+
+def test_export_destinations_from_one_variable_validated_and_masked() -> None:
+    pacs = '{"name": "pacs", "kind": "dicom", "ae_title": "ORTHANC", "host": "10.1.2.3", "port": 4242}'
+    ris = '{"name": "ris", "kind": "hl7", "host": "ris.hospital.example", "port": 2575}'
+    settings = load_settings(environ={"XRAY_TRIAGE_EXPORT__DESTINATIONS": f"[{pacs}, {ris}]"})
+    assert [(d.name, d.kind, d.object_kinds) for d in settings.export.destinations] == [
+        ("pacs", "dicom", ("sr", "heatmaps")),
+        ("ris", "hl7", ("oru",)),
+    ]
+    shown = effective_config(settings)["export"]["destinations"]
+    assert [d["host"] for d in shown] == ["10.***", "ris.***"]
+    for bad, says in (
+        ('[{"name": "pacs", "kind": "dicom", "host": "h", "port": 104}]', "needs ae_title"),
+        (f"[{pacs}, {pacs}]", "must be unique: pacs"),
+        ('[{"name": "ris", "kind": "hl7", "host": "h", "port": 2575, "objects": ["sr"]}]', "dicom destinations only"),
+        ('[{"name": "x y", "kind": "dicom", "ae_title": "A", "host": "h", "port": 104}]', "export.destinations.0.name"),
+        ('[{"name": "pacs", "kind": "smtp", "host": "h", "port": 25}]', "export.destinations.0.kind"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            load_settings(environ={"XRAY_TRIAGE_EXPORT__DESTINATIONS": bad})
