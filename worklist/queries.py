@@ -39,6 +39,7 @@ from db.truth import truth_of
 from models.findings import FINDING_NAMES
 from settings import TriageConfig, WebConfig
 from triage.policy import AI_UNAVAILABLE, Level, priority_segments
+from worklist.reasons import plain_reason
 
 COUNT_CAP = 10_000
 MAX_PAGE_SIZE = 200
@@ -275,7 +276,9 @@ def study_row(
         "top_score": study.top_score,
         "flagged_findings": [f for f in (study.flagged_findings or "").split(",") if f],
         "ai_state": ai.value,
-        "ai_reason": (study.state_reason or AI_UNAVAILABLE if ai in (AiState.FAILED, AiState.INELIGIBLE) else None),
+        # In words for everyone; the stored technical reason only for admins (worklist.reasons.for_user).
+        "ai_reason": plain_reason(ai.value, study.state_reason),
+        "ai_detail": (study.state_reason or AI_UNAVAILABLE if ai in (AiState.FAILED, AiState.INELIGIBLE) else None),
         "pipeline_state": str(study.state),
         "read_state": str(study.read_state),
         "read_by": study.read_by,
@@ -304,6 +307,11 @@ class Page:
     @property
     def total_label(self) -> str:
         return f"{self.total:,}+" if self.more else f"{self.total:,}"
+
+    @property
+    def count_label(self) -> str:
+        """ "1 study", "2 studies", "10,000+ studies"."""
+        return f"{self.total_label} {'study' if self.total == 1 and not self.more else 'studies'}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -368,7 +376,8 @@ def study_detail(session: Session, study: Study, cfg: TriageConfig, web: WebConf
                     if res is None
                     else {
                         "outcome": res.outcome,
-                        "reason": res.reason,
+                        "reason": plain_reason(res.outcome, res.reason),
+                        "detail": res.reason,
                         "scores": res.scores,
                         "thresholds": res.thresholds,
                         "flags": res.flags,

@@ -13,6 +13,7 @@ from db.models import Instance, InstanceResult, ReadState, Study, utcnow
 from models.findings import DISCLAIMER, FINDING_NAMES
 from worklist import audit, imaging, queries
 from worklist.deps import ApiCsrf, Config, Db, User, check_csrf, load_study, page, settings_of, valid_uid
+from worklist.reasons import for_user
 from worklist.security import CSRF_FIELD
 from worklist.users import CurrentUser
 
@@ -60,7 +61,7 @@ def study_page(request: Request, session: Db, user: User, study_uid: str) -> HTM
 @router.get("/api/studies/{study_uid}", tags=["studies"])
 def api_study(request: Request, session: Db, user: User, study_uid: str) -> dict[str, Any]:
     study = load_study(session, study_uid)
-    return {**_detail(request, session, study, user, "api"), "disclaimer": DISCLAIMER}
+    return {**for_user(_detail(request, session, study, user, "api"), user.is_admin), "disclaimer": DISCLAIMER}
 
 
 @router.post("/studies/{study_uid}/read-state", include_in_schema=False)

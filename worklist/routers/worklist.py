@@ -13,6 +13,7 @@ from db.models import Study, utcnow
 from models.findings import DISCLAIMER
 from worklist import queries
 from worklist.deps import Db, User, page, site_settings_of
+from worklist.reasons import for_user
 
 router = APIRouter()
 
@@ -64,10 +65,13 @@ def worklist_rows(request: Request, session: Db, user: User, q: WorklistParams) 
     result = _worklist(request, session, q)
     response = page(request, "_rows.html", user=user, result=result, q=q)
     response.headers["X-Total"] = result.total_label
+    response.headers["X-Total-Label"] = result.count_label
     return response
 
 
 @router.get("/api/worklist", tags=["worklist"])
 def api_worklist(request: Request, session: Db, user: User, q: WorklistParams) -> dict[str, Any]:
     """Studies in triage order (effective priority, then waiting time), filtered and paged."""
-    return {**_worklist(request, session, q).to_dict(), "disclaimer": DISCLAIMER}
+    data = _worklist(request, session, q).to_dict()
+    data["items"] = [for_user(row, user.is_admin) for row in data["items"]]
+    return {**data, "disclaimer": DISCLAIMER}

@@ -26,7 +26,7 @@
         if (!known.has(tr.dataset.uid)) tr.classList.add("arrived");
       });
       known = now;
-      if (total && response.headers.get("X-Total") !== null) total.textContent = response.headers.get("X-Total") + " studies";
+      if (total && response.headers.get("X-Total") !== null) total.textContent = response.headers.get("X-Total-Label");
       state.textContent = "updated " + new Date().toLocaleTimeString();
       state.classList.remove("error");
     } catch (err) {
