@@ -99,5 +99,7 @@ def test_shadow_scores_beside_the_primary_and_never_steers_or_exports(tmp_path: 
             assert shadow_ref in refs
             wait_for(lambda: len(ris.messages) == 2, timeout=60, what="the export of the promoted model's result")
             assert shadow_ref in ris.messages[1]
+            after = web.get("/api/admin/performance").json()["shadow"]
+            assert (after["primary"], after["shadow"]) == (shadow_ref, primary_ref)  # the page follows the promotion
     finally:
         ris.close()

@@ -43,6 +43,7 @@ from models.registry import resolve_model_path
 from settings import ExportDestination, Settings
 from triage.operating import card_steering, steering_reasons
 from triage.policy import Level
+from triage.site import site_settings
 
 log = logging.getLogger("xray_triage.export")
 
@@ -363,6 +364,7 @@ def run_export(factory: sessionmaker[Session], settings: Settings, export_id: in
     with factory() as session:
         export = session.get(Export, export_id)
         assert export is not None
+        settings = site_settings(session, settings)  # steering read from the model now primary
         study = session.get(Study, export.study_id)
         destination = settings.export.destination(export.destination)
         try:

@@ -52,12 +52,17 @@ def admin_status(request: Request, session: Session) -> dict[str, Any]:
         "studies": queries.counts_by_state(session),
         "latest_failures": queries.latest_failures(session),
         "failed_exports": queries.failed_exports(session),
-        "overrides": {
-            "current": current_overrides(session),
-            "history": [override_dict(r) for r in history(session)],
-            "newest": {k: r.id for r in reversed(history(session, 1000)) for k in [r.key]},
-        },
+        "overrides": _overrides(session),
     }
+
+
+def _overrides(session: Session) -> dict[str, Any]:
+    """Current overrides, the newest changes, and per setting the one change that may be rolled back."""
+    rows = history(session)  # newest first
+    newest: dict[str, int] = {}
+    for row in rows:
+        newest.setdefault(row.key, row.id)
+    return {"current": current_overrides(session), "history": [override_dict(r) for r in rows], "newest": newest}
 
 
 @router.get("/admin", response_class=HTMLResponse, include_in_schema=False)

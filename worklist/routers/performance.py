@@ -25,7 +25,7 @@ from models.findings import FINDING_NAMES
 from models.registry import resolve_model_path
 from monitoring.performance import Filters, compare_models, label_matrix, scored_studies, site_performance
 from settings import Settings
-from worklist.deps import Admin, Db, page, settings_of
+from worklist.deps import Admin, Db, page, site_settings_of
 
 router = APIRouter()
 
@@ -113,7 +113,7 @@ def performance_page(
     request: Request, session: Db, user: Admin, since: Since = None, until: Until = None,
     calling_ae: str | None = None, model: str | None = None,
 ) -> HTMLResponse:  # fmt: skip
-    settings = settings_of(request)
+    settings = site_settings_of(request, session)  # a promoted model is the primary here too
     f = _filters(settings, since, until, calling_ae, model)
     perf = _performance(session, f, settings)
     form = {"since": f.since.date().isoformat(), "until": (f.until - timedelta(days=1)).date().isoformat()}
@@ -132,6 +132,6 @@ def api_performance(
 ) -> dict[str, Any]:  # fmt: skip
     """Per finding: studies, flag rate, score histogram vs the card's (PSI, drift alarm) and, with truth,
     sensitivity, specificity, PPV and AUC with 95 % bootstrap intervals; per calling AE and model; operations."""
-    settings = settings_of(request)
+    settings = site_settings_of(request, session)  # a promoted model is the primary here too
     f = _filters(settings, since, until, calling_ae, model)
     return _performance(session, f, settings)
