@@ -148,6 +148,10 @@ class Study(Base):
     top_finding: Mapped[str | None] = mapped_column(String(32))
     top_score: Mapped[float | None] = mapped_column(Float)
     flagged_findings: Mapped[str | None] = mapped_column(String(128))
+    # The flagged findings that steer the priority, same form: what the worklist row names
+    # (an informational finding is flagged but never steers); "," when none does.  NULL until
+    # scored, and for studies scored before it was recorded.
+    steering_findings: Mapped[str | None] = mapped_column(String(128))
     # Reading state, set from the worklist (who and when, also in the audit table).
     read_state: Mapped[ReadState] = mapped_column(String(16), default=ReadState.UNREAD)
     read_by: Mapped[str | None] = mapped_column(String(64))

@@ -478,6 +478,22 @@ class WebConfig(_Section):
     login_lockout_min: Annotated[float, Field(gt=0, le=24 * 60)] = 15.0
     # A worker whose heartbeat is older than this is reported as missing by /healthz.
     worker_stale_s: Annotated[float, Field(gt=0)] = 90.0
+    # The site's time zone (IANA name, e.g. "Europe/Berlin") every page shows times in; unset:
+    # the server's own.  Stored times stay UTC; only what people read is converted.
+    time_zone: str | None = None
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v.strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}; use an IANA name such as Europe/Berlin or UTC") from None
+        return v.strip()
 
 
 class Settings(_Section):

@@ -239,6 +239,14 @@ FILTER_STUDIES: list[dict[str, Any]] = [
 
 # critical: 2.2 (90 min), 2.11 (50), 2.1 (5); urgent: 2.4 (300), 2.10 (250), 2.3 (10);
 # routine: 2.6 (30), 2.5 (20), 2.12 (15), 2.9 (3), 2.8 (2), 2.7 (1).
+# The lists are in triage order (order=priority); by default the read ones (2.11, 2.3) fall below.
+READ_STUDIES = ("2.11", "2.3")
+
+
+def unread_first(want: list[str]) -> list[str]:
+    return [u for u in want if u not in READ_STUDIES] + [u for u in want if u in READ_STUDIES]
+
+
 FILTER_CASES: list[tuple[dict[str, Any], list[str]]] = [
     ({}, ["2.2", "2.11", "2.1", "2.4", "2.10", "2.3", "2.6", "2.5", "2.12", "2.9", "2.8", "2.7"]),
     ({"priority": "critical"}, ["2.2", "2.11", "2.1"]),
@@ -287,13 +295,19 @@ def _add_filter_studies(wl: WorklistApp) -> None:
 def test_filters_and_their_combinations_with_totals(worklist: WorklistApp) -> None:
     _add_filter_studies(worklist)
     client, _ = worklist.logged_in("alice")
-    for params, want in FILTER_CASES:
-        body = worklist_json(client, page_size=200, **params)
-        assert [i["study_uid"] for i in body["items"]] == want, params
-        assert body["total"] == len(want), params
-        # Paged by 2, the total still counts every match.
-        small = worklist_json(client, page_size=2, **params)
-        assert small["total"] == len(want) and [i["study_uid"] for i in small["items"]] == want[:2], params
+    for params, triage_order in FILTER_CASES:
+        for order, want in (("priority", triage_order), ("unread_first", unread_first(triage_order))):
+            body = worklist_json(client, page_size=200, order=order, **params)
+            assert [i["study_uid"] for i in body["items"]] == want, (order, params)
+            assert body["total"] == len(want), params
+            # Paged by 2, the total still counts every match, and the pages join up in order.
+            paged = [worklist_json(client, page_size=2, order=order, page=n, **params) for n in (1, 2, 3)]
+            assert all(p["total"] == len(want) for p in paged), params
+            assert [i["study_uid"] for p in paged for i in p["items"]] == want[:6], (order, params)
+        # Unread first is the default.
+        assert [i["study_uid"] for i in worklist_json(client, page_size=200, **params)["items"]] == unread_first(
+            triage_order
+        )
 
 
 def test_filtered_rows_show_what_they_were_filtered_on(worklist: WorklistApp) -> None:
@@ -315,7 +329,8 @@ def test_filtered_rows_show_what_they_were_filtered_on(worklist: WorklistApp) ->
 def test_the_page_applies_the_same_filters(worklist: WorklistApp) -> None:
     _add_filter_studies(worklist)
     client, _ = worklist.logged_in("alice")
-    for params, want in FILTER_CASES:
+    for params, triage_order in FILTER_CASES:
+        want = unread_first(triage_order)
         page = client.get("/worklist", params=params)
         assert page.status_code == 200, params
         assert [u for u, _ in ROW_RE.findall(page.text)] == want, params

@@ -90,6 +90,10 @@ class Decision:
     # FINDING_NAMES order, comma-delimited on both sides so `LIKE '%,mass,%'` matches exactly
     # one finding on SQLite and PostgreSQL.  None when nothing is flagged (never ",").
     flagged_findings: str | None = None
+    # The same for the flagged findings that steer (at their instance's population), the ones
+    # the worklist row names; informational findings are in ``flagged_findings`` only.  "," when
+    # the study is scored and none steers, so None keeps meaning "not recorded".
+    steering_findings: str | None = None
 
 
 def thresholds_for(card_thresholds: Mapping[str, float], cfg: TriageConfig) -> dict[str, float]:
@@ -215,25 +219,30 @@ def top_finding(scores: Mapping[str, float], thresholds: Mapping[str, float]) ->
     return f, s
 
 
+def _finding_list(found: Collection[str]) -> str | None:
+    """``,f1,f2,`` in FINDING_NAMES order (unknown names of a foreign model last, by name), so
+    the same set always gives the same string; None for none."""
+    if not found:
+        return None
+    ordered = sorted(found, key=lambda f: (FINDING_INDEX.get(f, len(FINDING_INDEX)), f))
+    return f",{','.join(ordered)},"
+
+
 def flagged_findings(outcomes: Sequence[InstanceOutcome], thresholds: Mapping[str, float]) -> str | None:
     """``,f1,f2,`` over every scored instance (a finding on any film counts); None when none is flagged.
 
     Each instance counts at its own thresholds when it carries them (``InstanceOutcome.judged_at``),
-    so the study's flags agree with the instances' stored flags.  Findings come in
-    FINDING_NAMES order (unknown names of a foreign model last, by name), so the same set
-    always gives the same string.
+    so the study's flags agree with the instances' stored flags.
     """
-    flagged = {
-        f
-        for o in outcomes
-        if o.outcome is StudyState.SCORED
-        for f, on in flags_for(o.scores, o.judged_at(thresholds)).items()
-        if on
-    }
-    if not flagged:
-        return None
-    ordered = sorted(flagged, key=lambda f: (FINDING_INDEX.get(f, len(FINDING_INDEX)), f))
-    return f",{','.join(ordered)},"
+    return _finding_list(
+        {
+            f
+            for o in outcomes
+            if o.outcome is StudyState.SCORED
+            for f, on in flags_for(o.scores, o.judged_at(thresholds)).items()
+            if on
+        }
+    )
 
 
 def decide(
@@ -284,11 +293,13 @@ def decide(
         words += "; informational, not steering: " + ", ".join(_fmt(f, s, "≥", t) for f, s, t in info)
     top_name, top_score = top_finding(best.scores, steer) or (None, None)
     flagged = flagged_findings(scored, thresholds)
+    steering_flagged = _finding_list({f for o in scored for f, on in flags_for(o.scores, steer_of(o)).items() if on})
     # Silent mode stores ROUTINE as the priority but still records the model's opinion.
     priority, reason = (Level.ROUTINE, f"silent mode, model says {words}") if cfg.silent_mode else (level, words)
     return Decision(
         StudyState.SCORED, None, priority, level, reason, None,
         top_finding=top_name, top_score=top_score, flagged_findings=flagged,
+        steering_findings=steering_flagged or ",",
     )  # fmt: skip
 
 

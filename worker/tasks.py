@@ -293,6 +293,7 @@ def score_batch(
                     "top_finding": decision.top_finding,
                     "top_score": decision.top_score,
                     "flagged_findings": decision.flagged_findings,
+                    "steering_findings": decision.steering_findings,
                 },
             )
             exports: list[int] = []
@@ -349,6 +350,7 @@ def fail_claimed(factory: sessionmaker[Session], study_id: int, generation: int,
                 "top_finding": None,
                 "top_score": None,
                 "flagged_findings": None,
+                "steering_findings": None,
             },
         )
 

@@ -22,7 +22,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from db.session import make_engine, make_sessionmaker
 from models.findings import DISCLAIMER, FINDINGS
 from settings import Settings
-from worklist import errors, queries
+from worklist import errors, localtime, queries
 from worklist.routers import (
     admin,
     analyse,
@@ -70,6 +70,10 @@ def create_app(settings: Settings) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals.update(disclaimer=DISCLAIMER, findings=FINDINGS, refresh_s=web.refresh_s)
     templates.env.filters["pn"] = queries.person_name
+    zone = localtime.site_zone(web.time_zone)
+    templates.env.filters["local"] = lambda value, seconds=False: localtime.local_time(value, zone, seconds)
+    templates.env.globals["time_zone"] = localtime.zone_label(zone)
+    templates.env.filters["da"] = localtime.dicom_date
     app = FastAPIOffline(
         static_url=DOCS_ASSETS,
         title="xray-triage worklist API",

@@ -8,6 +8,9 @@ index ``(priority, received_at, id)`` with a constant effective level
 (``triage.policy.priority_segments``); each range is read in index order with the page's
 LIMIT and the few resulting rows are merged.  A page therefore costs a handful of short
 index range scans whatever the size of the table (bench/worklist shows the plans).
+
+By default read studies fall below everything still to be read (``WorklistOrder``): the
+ranges are then split once more by read state, along ``(read_state, priority, received_at, id)``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ class PriorityName(enum.StrEnum):
     ROUTINE = "routine"
 
 
+class WorklistOrder(enum.StrEnum):
+    """``unread_first``: read studies fall below everything still to be read (the default a
+    radiologist works from); ``priority``: triage order alone, read or not."""
+
+    UNREAD_FIRST = "unread_first"
+    PRIORITY = "priority"
+
+
 class WorklistQuery(BaseModel):
     """Filters and paging, shared by the page and the API (bad values answer 422, never 500)."""
 
@@ -63,6 +74,7 @@ class WorklistQuery(BaseModel):
     calling_ae: Annotated[str | None, Field(max_length=16, description="source AE title")] = None
     date_from: Annotated[date | None, Field(description="study date, inclusive (YYYY-MM-DD)")] = None
     date_to: Annotated[date | None, Field(description="study date, inclusive (YYYY-MM-DD)")] = None
+    order: WorklistOrder = WorklistOrder.UNREAD_FIRST
     page: Annotated[int, Field(ge=1, le=100_000)] = 1
     page_size: Annotated[int | None, Field(ge=1, le=MAX_PAGE_SIZE)] = None
 
@@ -133,6 +145,15 @@ class OrderedIds:
     more: bool = False  # True when more than `total` (= COUNT_CAP) studies match
 
 
+def _read_groups(q: WorklistQuery) -> list[tuple[int, ColumnElement[bool] | None]]:
+    """(sort group, condition) pairs: with unread first, one range per read state (each an
+    index range of ``ix_study_read_state_priority``), read studies in the last group."""
+    if q.order is WorklistOrder.PRIORITY:
+        return [(0, None)]
+    states = q.read_state or list(ReadState)
+    return [(1 if s is ReadState.READ else 0, Study.read_state == s.value) for s in ReadState if s in states]
+
+
 def page_statement(q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size: int) -> Select[Any] | None:
     """The SELECT of one page's (id, effective level) in worklist order; None when no level is asked for.
 
@@ -144,19 +165,26 @@ def page_statement(q: WorklistQuery, cfg: TriageConfig, now: datetime, page_size
         return None
     offset = (q.page - 1) * page_size
     branches = []
-    for level, cond in segments:
-        inner = (
-            select(Study.id.label("id"), literal(level).label("eff"), Study.received_at.label("received_at"))
-            .where(cond, *where)
-            .order_by(Study.received_at, Study.id)
-            .limit(offset + page_size)
-            .subquery()
-        )
-        branches.append(select(inner.c.id, inner.c.eff, inner.c.received_at))
+    for group, read_cond in _read_groups(q):
+        for level, cond in segments:
+            conds = [cond, *where] if read_cond is None else [read_cond, cond, *where]
+            inner = (
+                select(
+                    Study.id.label("id"),
+                    literal(group).label("grp"),
+                    literal(level).label("eff"),
+                    Study.received_at.label("received_at"),
+                )
+                .where(*conds)
+                .order_by(Study.received_at, Study.id)
+                .limit(offset + page_size)
+                .subquery()
+            )
+            branches.append(select(inner.c.id, inner.c.grp, inner.c.eff, inner.c.received_at))
     merged = union_all(*branches).subquery()
     return (
         select(merged.c.id, merged.c.eff)
-        .order_by(merged.c.eff, merged.c.received_at, merged.c.id)
+        .order_by(merged.c.grp, merged.c.eff, merged.c.received_at, merged.c.id)
         .offset(offset)
         .limit(page_size)
     )
@@ -275,6 +303,10 @@ def study_row(
         "top_finding": study.top_finding,
         "top_score": study.top_score,
         "flagged_findings": [f for f in (study.flagged_findings or "").split(",") if f],
+        # The flagged findings that steer the priority: the only ones a row names (NULL for
+        # studies scored before they were recorded: the top finding alone, which always steers).
+        "steering_findings": [f for f in (study.steering_findings or "").split(",") if f],
+        "steering_known": study.steering_findings is not None,
         "ai_state": ai.value,
         # In words for everyone; the stored technical reason only for admins (worklist.reasons.for_user).
         "ai_reason": plain_reason(ai.value, study.state_reason),
