@@ -326,6 +326,32 @@ class PixelsConfig(_Section):
     max_frames: Annotated[int, Field(ge=1)] = 4096
 
 
+class HeaderlessImageConfig(_Section):
+    """Plain out-of-scope checks on a PNG or JPEG, which has no header to judge it by.
+
+    The defaults keep every one of the 12,249 PNG/JPEG chest films of the training collections
+    in scope, with room to spare (scripts/measure_image_scope.py prints the figures; see
+    docs/pixel-path.md, "Images without a DICOM header").
+    """
+
+    # A shorter side below this many pixels is a thumbnail: the smallest training films are
+    # 224x224 (Kermany, the RSNA normals), the model's own input size.
+    min_side: Annotated[int, Field(ge=1, le=65535)] = 128
+    # Longer side over shorter side above this: a strip or a panorama, not a frontal chest film
+    # (the most elongated training film is 1.76, real cassettes 1.0 to 1.3).
+    max_aspect: Annotated[float, Field(ge=1.0)] = 2.0
+    # A pixel is coloured when its channels differ by more than this share of the full scale
+    # (the Kermany films, grey saved as RGB JPEG, differ by 0 levels) ...
+    colour_level: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    # ... and more than this share of coloured pixels makes a colour picture (no training film
+    # has any; colour photographs 43 to 86 %), while coloured arrows drawn on a film stay under it.
+    max_colour_share: Annotated[float, Field(ge=0.0, le=1.0)] = 0.05
+    # The 1st..99th percentile of the grey levels spanning less than this share of the full
+    # scale is a nearly blank image, whatever the window would stretch it to (training films
+    # span 0.25 or more).
+    min_contrast: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+
+
 class EligibilityConfig(_Section):
     """Which instances are frontal chest radiographs the models may score.
 
@@ -365,6 +391,8 @@ class EligibilityConfig(_Section):
     min_columns: Annotated[int, Field(ge=1)] = 256
     max_rows: Annotated[int, Field(ge=1)] = 8192
     max_columns: Annotated[int, Field(ge=1)] = 8192
+    # PNG/JPEG files, judged by their pixels (dicom_io.image_scope).
+    headerless: HeaderlessImageConfig = HeaderlessImageConfig()
 
     @field_validator("modalities", "body_parts", "view_positions", "lateral_hints", "non_human_hints")
     @classmethod

@@ -18,6 +18,21 @@ def test_plain_reasons() -> None:
     assert plain_reason("scored", None) is None
 
 
+def test_plain_reasons_of_a_png_or_jpeg_outside_what_the_model_reads() -> None:
+    """The pixel checks (dicom_io.image_scope) write their reasons as words already: a
+    radiologist reads them with the header rules' prefix, each once."""
+    technical = "ineligible: colour image, not a radiograph; image 3.1 times as wide as tall"
+    assert plain_reason("ineligible", technical) == (
+        "outside what the model reads: colour image, not a radiograph; image 3.1 times as wide as tall"
+    )
+    assert plain_reason("ineligible", "ineligible: image too small (100x90 pixels, at least 128 on each side)") == (
+        "outside what the model reads: image too small (100x90 pixels, at least 128 on each side)"
+    )
+    assert plain_reason("ineligible", "ineligible: image nearly blank (almost no contrast)") == (
+        "outside what the model reads: image nearly blank (almost no contrast)"
+    )
+
+
 def test_a_radiologist_sees_words_and_an_admin_also_the_detail(worklist: WorklistApp) -> None:
     worklist.add_study("5.1", state="failed", state_reason=TRUNCATED)
     worklist.add_study("5.2", state="ineligible", state_reason="ineligible: modality MR")
