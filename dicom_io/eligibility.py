@@ -6,8 +6,9 @@ without a release.  An ineligible instance is never dropped silently: the reason
 returned ("ineligible: view position LL") for the worker to store and the worklist to show.
 
 Header-less images (PNG/JPEG datasets for training, or a file dropped in by hand) carry
-no Modality, Body Part or View Position.  Decision: they are ELIGIBLE, assumed frontal
-chest, and flagged "no DICOM header" so the flag travels with any result from them.
+no Modality, Body Part or View Position.  Decision: no header rule refuses them; they are
+flagged "no DICOM header" so the flag travels with any result from them, and once decoded
+their pixels are judged instead (``dicom_io.image_scope``: colour, size, shape, contrast).
 """
 
 from __future__ import annotations

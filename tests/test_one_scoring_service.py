@@ -109,7 +109,9 @@ def test_site_config_reaches_predict_analyse_and_worker_alike(tmp_path: Path) ->
     assert studies["ap"].state == StudyState.INELIGIBLE and studies["ap"].state_reason
     assert p[ap]["reason"] in studies["ap"].state_reason
     assert [r.outcome for r in stored["ap"]] == [StudyState.INELIGIBLE]
-    assert not any(_flags(p[ap]).values()) and not any(a[ap]["flags"].values())
+    # Never scored, in any path: a score beside a refused film is read as an answer.
+    assert p[ap]["scores"] is None and a[ap]["scores"] == {} and a[ap]["flags"] == {}
+    assert stored["ap"][0].scores is None
     assert p[ap]["priority"] == a[ap]["priority"] == "routine" and studies["ap"].priority == Level.ROUTINE
 
     # The PA film: the same scores (one pixel path, one model), flagged at the site's thresholds.

@@ -382,7 +382,7 @@ def test_worker_picks_each_instances_thresholds_from_its_header_with_site_overri
 
     def prepared(name: str, ds: Dataset) -> tuple:
         _spool(tmp_path, name, ds)
-        return scorer.prepare(ImageInput(name, tmp_path / "spool" / name), score_ineligible=False)
+        return scorer.prepare(ImageInput(name, tmp_path / "spool" / name))
 
     child = prepared("child.dcm", _with(_siim(), PatientAge="010D"))
     grown = prepared("adult.dcm", _with(_siim(), PatientAge="045Y"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from models.findings import DISCLAIMER, FINDING_NAMES
 from tests.conftest import pydicom_data_file, shared_file
 from xray_triage.cli import main
@@ -100,3 +102,54 @@ def test_shipped_default_model_predicts_and_separates_pneumonia(capsys):
     p = [r["scores"]["pneumonia"] for r in out[1:]]
     mean_pos, mean_neg = sum(p[: len(pos)]) / len(pos), sum(p[len(pos) :]) / len(neg)
     assert mean_pos > mean_neg + 0.3
+
+
+def test_predict_gives_no_scores_outside_what_the_model_reads(tiny_model_dir, tmp_path, capsys):
+    """An ineligible file gets its reason and no scores (the worker's rules for a DICOM, the
+    pixel checks for a PNG or JPEG); that is an answer about the file, so the exit status is 0."""
+    from tests.test_analyse_scope import dicom_bytes, strip_png
+    from tests.test_image_scope import photograph
+
+    photo = photograph()
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(strip_png())
+    leg = tmp_path / "leg.dcm"
+    leg.write_bytes(dicom_bytes(pydicom_data_file("RG1_UNCR.dcm"), BodyPartExamined="LEG"))
+    film = shared_file("kermany", "train", "NORMAL", "IM-0115-0001.jpeg")
+    rc, out = _predict(tiny_model_dir, [photo, strip, leg, film], capsys)
+    assert rc == 0
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in map(json.loads, out.splitlines())}
+    for name, reason in (
+        ("grace_hopper.jpg", "ineligible: colour image, not a radiograph"),
+        ("strip.png", "ineligible: image 2.6 times as wide as tall"),
+        ("leg.dcm", "ineligible: body part LEG"),
+    ):
+        r = rows[name]
+        assert set(r) == KEYS and (r["eligible"], r["scores"], r["reason"]) == (False, None, reason), r
+        assert set(r["flags"]) == {"notes"}  # no finding flagged or unflagged: nothing was scored
+        assert r["priority"] == "routine" and reason in r["priority_reason"]
+    assert "no DICOM header" in rows["strip.png"]["flags"]["notes"]
+    assert rows["IM-0115-0001.jpeg"]["eligible"] is True and list(rows["IM-0115-0001.jpeg"]["scores"]) == list(
+        FINDING_NAMES
+    )
+
+    rc, out = _predict(tiny_model_dir, [photo, film], capsys, json_out=False)
+    assert rc == 0 and DISCLAIMER in out
+    photo_block, film_block = out.split(f"{film}  [")
+    assert "not scored, outside what the model reads: colour image, not a radiograph" in photo_block
+    assert "threshold" not in photo_block and "pneumonia" not in photo_block
+    assert "threshold" in film_block
+
+    # A file that cannot be read still makes the run a failure, whatever else was refused.
+    missing = tmp_path / "gone.png"
+    rc, out = _predict(tiny_model_dir, [photo, missing], capsys)
+    assert rc == 1 and [json.loads(line)["scores"] for line in out.splitlines()] == [None, None]
+
+
+def test_predict_help_says_what_ineligible_means_and_the_exit_status(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "is not scored: its line gives the reason (JSON: eligible false, scores null)" in text
+    assert "Exit status 0 when every file was read, scored or not eligible; 1 when at least one could not" in text

@@ -1,14 +1,17 @@
 """The one scoring service: image in, judgement out, the same for the worker, `predict` and the analyse page.
 
 For every image: read it (DICOM file or bytes, PNG, JPEG), check eligibility with the site's
-rules, decide its operating point from the header's age, turn its pixels into the model's
+rules (a PNG or JPEG has no header, so its pixels are checked instead: ``dicom_io.image_scope``),
+decide its operating point from the header's age, turn its pixels into the model's
 tensor through the one pixel path, score, and flag at the thresholds in force there (the
 card's point with the site's overrides) with the findings allowed to steer there.  Before
 this existed the chain was written three times and the copies disagreed (``predict`` ignored
 a site's eligibility rules and thresholds).
 
 No database, no files written: callers store or show what comes back.  Images that cannot be
-read or decoded come back as ``failed`` with the reason; they never stop the others.
+read or decoded come back as ``failed`` with the reason; they never stop the others.  An
+ineligible image is never scored, for any caller: a score for a film the model should not read
+(a leg, a dog, a photograph) is read as an answer however it is labelled.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 from db.models import StudyState
 from dicom_io.eligibility import check_eligibility
 from dicom_io.errors import PixelError
+from dicom_io.image_scope import check_image_scope
 from dicom_io.inflate import dcmread_bounded
 from dicom_io.pixels import PixelResult, load_image, model_decode_size, to_model_tensor
 from models.operating_points import ADULT, decide_population
@@ -52,8 +56,8 @@ class ImageInput:
 class Judgement:
     """What the service says of one image.
 
-    ``scores`` are present whenever the pixels could be decoded and scoring was asked for
-    (an ineligible image may be scored for information, but is never flagged); ``flags`` are
+    ``scores`` are present only for an eligible image whose pixels could be decoded (an
+    ineligible one has its ``reason`` instead); ``flags`` are
     score >= threshold at ``population``'s operating point; ``steering`` are the findings that
     may raise a study's priority there.  ``image`` is the decoded image (for display) when
     asked for; ``heatmaps`` is (n_findings, H, W) aligned with the model tensor when asked for.
@@ -128,17 +132,23 @@ def _read(source: Source, max_pixel_bytes: int) -> _Read:
     """Header (DICOM only) and what to hand the pixel path; ``_Unreadable`` on a file that is no image.
 
     The reason says what the bytes looked like: a file with the DICOM preamble that cannot be
-    parsed is an unreadable DICOM; anything else is not an image we read at all.
+    parsed is an unreadable DICOM; anything else is not an image we read at all.  A dataset
+    without Pixel Data is no image either: pydicom reads almost any bytes leniently, and
+    without this a text file would be judged "ineligible", a verdict about an image, and
+    (never being decoded, as an ineligible image is not) never reported as a failure.
     """
     try:
         kind = _kind_of(source)
     except OSError as exc:
         raise _Unreadable(f"file cannot be opened: {type(exc).__name__}") from None
+    what = "unreadable DICOM: {}" if kind == "dicom" else "not a DICOM, PNG or JPEG image ({})"
     try:
-        return _parse(source, kind, max_pixel_bytes)
+        read = _parse(source, kind, max_pixel_bytes)
     except _READ_ERRORS as exc:
-        what = "unreadable DICOM: {}" if kind == "dicom" else "not a DICOM, PNG or JPEG image ({})"
         raise _Unreadable(what.format(type(exc).__name__)) from None
+    if read.header is not None and "PixelData" not in read.header:
+        raise _Unreadable(what.format("no Pixel Data"))
+    return read
 
 
 def _parse(source: Source, kind: str, max_pixel_bytes: int) -> _Read:
@@ -148,8 +158,6 @@ def _parse(source: Source, kind: str, max_pixel_bytes: int) -> _Read:
         return _Read(kind, None, source if isinstance(source, bytes) else Path(source))
     ds = dcmread_bounded(source if isinstance(source, bytes) else Path(source), force=kind == "dicom?",
                          max_pixel_bytes=max_pixel_bytes)  # fmt: skip
-    if isinstance(source, bytes):
-        _ = ds.PixelData  # a DICOM object without pixels is not an image
     return _Read("dicom", ds, ds)
 
 
@@ -167,21 +175,21 @@ class Scorer:
         self,
         inputs: Sequence[ImageInput],
         *,
-        score_ineligible: bool = True,
         heatmaps: bool = False,
         keep_image: bool = False,
         batch_size: int = 16,
     ) -> list[Judgement]:
         """One judgement per input, in order.
 
-        ``score_ineligible=False`` (the worker) leaves an ineligible image unscored;
-        ``heatmaps`` computes every finding's map in the same forward pass as the scores.
+        ``heatmaps`` computes every finding's map in the same forward pass as the scores;
+        ``keep_image`` keeps the decoded image for display, an ineligible one's too, so that a
+        person sees what was refused.
         """
         size = max(1, batch_size)
         chunks = [inputs[i : i + size] for i in range(0, len(inputs), size)]
 
         def prepare(chunk: Sequence[ImageInput]) -> list[tuple[Judgement, np.ndarray | None]]:
-            return [self.prepare(item, score_ineligible, keep_image) for item in chunk]
+            return [self.prepare(item, keep_image) for item in chunk]
 
         out: list[Judgement] = []
         if len(chunks) <= 1:  # nothing to overlap
@@ -217,7 +225,7 @@ class Scorer:
         self.forward_s += time.perf_counter() - t0
         for i, (j, _) in enumerate(ready):
             j.scores = {f: float(probs[i][k]) for k, f in enumerate(findings)}
-            j.flags = flags_for(j.scores, j.thresholds) if j.eligible else dict.fromkeys(j.scores, False)
+            j.flags = flags_for(j.scores, j.thresholds)
             j.heatmaps = None if maps is None else maps[i]
 
     def priority_of(self, judgement: Judgement) -> tuple[str, str]:
@@ -234,11 +242,14 @@ class Scorer:
         """
         return decide(outcomes, self.points[ADULT], self.settings.triage, self.steering[ADULT], self.steering)
 
-    def prepare(
-        self, item: ImageInput, score_ineligible: bool = True, keep_image: bool = False
-    ) -> tuple[Judgement, np.ndarray | None]:
+    def prepare(self, item: ImageInput, keep_image: bool = False) -> tuple[Judgement, np.ndarray | None]:
         """The judgement before the model (eligibility, operating point, thresholds), and the
-        tensor to score (None when there is nothing to score)."""
+        tensor to score (None when there is nothing to score: failed or ineligible).
+
+        A DICOM is judged by its header before any pixel is decoded; a PNG or JPEG only after,
+        by its pixels.  An ineligible DICOM is decoded only when its image is to be shown, and
+        then a decoding failure leaves it ineligible (its reason is the answer), not failed.
+        """
         try:
             read = _read(item.source, self.settings.pixels.max_pixel_bytes)
         except _Unreadable as exc:
@@ -256,21 +267,29 @@ class Scorer:
             thresholds=at_point(self.points, point.population),
             steering=self.steering.get(point.population, self.steering[ADULT]),
         )
-        if not elig.eligible and not score_ineligible:
+        if not elig.eligible and not keep_image:
             return j, None
         try:
             # Only what the model needs (JPEG 2000 / JPEG at reduced resolution, dicom_io.reduced),
             # the same for every caller so that every caller gets the same scores.
             need = model_decode_size(self.model.input_size)
             image = load_image(read.pixels, self.settings.pixels, at_least=need)
-            tensor = to_model_tensor(image, size=self.model.input_size)
+            if read.header is None:
+                scope = check_image_scope(image.pixels, self.settings.eligibility.headerless, image.full_shape)
+                if not scope.eligible:
+                    j = replace(j, outcome=INELIGIBLE, eligible=False, reason=scope.reason)
+            tensor = to_model_tensor(image, size=self.model.input_size) if j.eligible else None
             if keep_image and image.pixels.shape[:2] != image.full_shape:
                 image = load_image(read.pixels, self.settings.pixels)  # shown to a person: in full
         except PixelError as exc:
+            if not j.eligible:
+                return j, None
             return replace(
                 j, outcome=FAILED, eligible=False, reason=f"{type(exc).__name__}: {exc}", failed_at="pixels"
             ), None
         except Exception as exc:  # noqa: BLE001 - a decoder bug on one file is that file's problem
+            if not j.eligible:
+                return j, None
             reason = f"pixel data not decodable: {type(exc).__name__}"
             return replace(j, outcome=FAILED, eligible=False, reason=reason, failed_at="pixels"), None
         if keep_image:

@@ -163,9 +163,7 @@ def run_pipeline_many(
 
     spool = Path(settings.storage.spool_dir)  # spool paths are stored relative to its root
     inputs = [ImageInput(inst.sop_instance_uid, spool / inst.spool_path) for w in works for inst in w.instances]
-    judged = iter(
-        scorer.judge(inputs, score_ineligible=False, heatmaps=heatmaps, batch_size=settings.worker.batch_size)
-    )
+    judged = iter(scorer.judge(inputs, heatmaps=heatmaps, batch_size=settings.worker.batch_size))
     findings = list(scorer.model.card.findings)
     out: list[list[ResultRow]] = []
     # Each PNG is fsynced (the worklist links it once the result commits); the waits overlap in

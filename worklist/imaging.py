@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from dicom_io.pixels import render_display
 from models.heatmap_image import colorize, crop_letterbox
 from settings import PixelsConfig
 from triage.service import FAILED, ImageInput, Scorer
+from worklist.reasons import plain_reason
 
 # pydicom and the pixel path are imported above, once, when the app is built, not inside the
 # endpoints: there, the first two requests of a study page (image.png and heatmaps/*.png, on
@@ -94,11 +95,17 @@ def heatmap_png(heatmap_file: Path, shape: tuple[int, int]) -> bytes:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Scores and pictures for an uploaded file; nothing of it is stored."""
+    """Scores and pictures for an uploaded file; nothing of it is stored.
+
+    An ineligible upload has no scores, thresholds, flags or heatmaps (empty, not absent, so
+    a client reads one shape whatever the answer), only its reason: as stored by the worker
+    and printed by ``predict`` (``reason``) and in words for the radiologist (``ai_reason``).
+    """
 
     kind: str
     eligible: bool
     reason: str | None
+    ai_reason: str | None
     notes: list[str]
     scores: dict[str, float]
     thresholds: dict[str, float]
@@ -109,7 +116,8 @@ class Analysis:
     # The priority (and its reason) the worker would give a study of this one image.
     priority: str
     priority_reason: str
-    image_png: bytes
+    # None only for an ineligible DICOM whose pixels could not be decoded for display.
+    image_png: bytes | None
     heatmap_pngs: dict[str, bytes]
     model: str
 
@@ -123,6 +131,7 @@ class Analysis:
             "kind": self.kind,
             "eligible": self.eligible,
             "reason": self.reason,
+            "ai_reason": self.ai_reason,
             "notes": self.notes,
             "scores": self.scores,
             "thresholds": self.thresholds,
@@ -131,7 +140,7 @@ class Analysis:
             "informational": self.informational,
             "priority": self.priority,
             "priority_reason": self.priority_reason,
-            "image_png": uri(self.image_png),
+            "image_png": None if self.image_png is None else uri(self.image_png),
             "heatmaps": {f: uri(b) for f, b in self.heatmap_pngs.items()},
             "model": self.model,
         }
@@ -146,32 +155,46 @@ def analyse(data: bytes, scorer: Scorer) -> Analysis:
 
     The scoring service (``triage.service``) judges the upload exactly as the worker would
     judge the same file pushed over DICOM: the site's eligibility rules and thresholds, at the
-    operating point its header's age selects, with that point's steering findings.
+    operating point its header's age selects, with that point's steering findings.  An
+    ineligible upload is not scored at all, as the worker would not score it; its image is
+    still shown, so that the person sees what was refused.
     """
-    [j] = scorer.judge([ImageInput("upload", data)], score_ineligible=True, heatmaps=True, keep_image=True)
-    if j.outcome == FAILED or j.scores is None or j.image is None or j.heatmaps is None:
+    [j] = scorer.judge([ImageInput("upload", data)], heatmaps=True, keep_image=True)
+    if j.outcome == FAILED or (j.eligible and (j.scores is None or j.image is None or j.heatmaps is None)):
         raise UnreadableImage(j.reason or "not a DICOM, PNG or JPEG image")
     rendered = j.image
-    shown = render_display(rendered, max_size=DISPLAY_MAX)
+    shown = None if rendered is None else png_bytes(render_display(rendered, max_size=DISPLAY_MAX))
+    priority, priority_reason = scorer.priority_of(j)
+    unscored = Analysis(
+        kind=j.kind,
+        eligible=j.eligible,
+        reason=j.reason,
+        ai_reason=plain_reason(j.outcome, j.reason),
+        notes=list(j.notes),
+        scores={},
+        thresholds={},
+        flags={},
+        top_findings=[],
+        informational=[],
+        priority=priority,
+        priority_reason=priority_reason,
+        image_png=shown,
+        heatmap_pngs={},
+        model=scorer.model.ref,
+    )
+    if not j.eligible or j.scores is None or j.heatmaps is None or rendered is None:
+        return unscored
     heatmaps = {
         f: png_bytes(np.ascontiguousarray(crop_letterbox(colorize(j.heatmaps[k]), rendered.shape)))
         for k, f in enumerate(j.scores)
     }
-    priority, priority_reason = scorer.priority_of(j)
     ranked = sorted(j.scores.items(), key=lambda kv: kv[1] - j.thresholds.get(kv[0], 0.5), reverse=True)
-    return Analysis(
-        kind=j.kind,
-        eligible=j.eligible,
-        reason=j.reason,
-        notes=list(j.notes),
+    return replace(
+        unscored,
         scores=j.scores,
         thresholds=dict(j.thresholds),
         flags=j.flags,
         top_findings=[(f, s) for f, s in ranked if j.flags.get(f) and f in j.steering],
         informational=j.informational,
-        priority=priority,
-        priority_reason=priority_reason,
-        image_png=png_bytes(shown),
         heatmap_pngs=heatmaps,
-        model=scorer.model.ref,
     )

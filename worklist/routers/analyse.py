@@ -84,5 +84,12 @@ def analyse_form(
 
 @router.post("/api/analyse", tags=["analyse"], dependencies=[ApiCsrf])
 def api_analyse(request: Request, session: Db, user: User, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
-    """Score an uploaded DICOM, PNG or JPEG at once, with heatmaps (data: URIs); nothing is stored."""
+    """Score an uploaded DICOM, PNG or JPEG at once, with heatmaps (data: URIs); nothing is stored.
+
+    An image outside what the model reads (the site's eligibility rules for a DICOM header;
+    colour, size, shape and contrast for a PNG or JPEG) is not scored: ``eligible`` is false,
+    ``reason`` says why as the worker stores it and ``ai_reason`` in words for the radiologist;
+    ``scores``, ``thresholds``, ``flags`` and ``heatmaps`` are empty objects, ``top_findings``
+    and ``informational`` empty lists; ``image_png`` still shows what was refused.
+    """
     return _analyse(request, file, user, session)
