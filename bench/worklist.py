@@ -55,7 +55,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, func, insert, select, text
+from sqlalchemy import Engine, Select, case, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 N_STUDIES = int(os.environ.get("BENCH_WORKLIST_N", "10000"))
@@ -319,10 +319,15 @@ def baseline_statement(q: Any, cfg: Any, now: datetime, page_size: int) -> Selec
     from triage.policy import effective_priority_sql, worklist_order
     from worklist.queries import _filters  # the same filters the app applies
 
+    from worklist.queries import WorklistOrder
+
     where = _filters(q)
     if q.priority:  # the effective-priority filter, as the naive query must express it
         where.append(effective_priority_sql(now, cfg).in_(sorted(q.levels())))
-    return select(Study).where(*where).order_by(*worklist_order(cfg, now)).limit(page_size)
+    order = worklist_order(cfg, now)
+    if q.order is WorklistOrder.UNREAD_FIRST:  # the default: read studies below the rest
+        order = [case((Study.read_state == "read", 1), else_=0), *order]
+    return select(Study).where(*where).order_by(*order).limit(page_size)
 
 
 # --------------------------------------------------------------------------- stats

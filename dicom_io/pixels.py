@@ -251,15 +251,7 @@ def _grey_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
     little = transfer_syntax(ds).is_little_endian if ds is not None else True
 
     # Step 3: Modality LUT.
-    mlut: Lut | None = None
-    slope, intercept = 1.0, 0.0
-    if ds is not None and ds.get("ModalityLUTSequence"):
-        mlut = read_lut(ds.ModalityLUTSequence[0], little)
-        steps.append("modality LUT: Modality LUT Sequence")
-    elif ds is not None and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        steps.append(f"modality LUT: Rescale Slope {slope:g}, Intercept {intercept:g}")
+    mlut, slope, intercept = _modality_lut(ds, little, steps)
 
     # Step 4: VOI.
     voi_lut: Lut | None = None
@@ -312,6 +304,46 @@ def _grey_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
         return out
 
     return general, final
+
+
+def _modality_lut(ds: Dataset | None, little: bool, steps: list[str]) -> tuple[Lut | None, float, float]:
+    """Step 3's choice: (Modality LUT Sequence, else None; Rescale Slope; Intercept)."""
+    if ds is not None and ds.get("ModalityLUTSequence"):
+        steps.append("modality LUT: Modality LUT Sequence")
+        return read_lut(ds.ModalityLUTSequence[0], little), 1.0, 0.0
+    if ds is not None and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        steps.append(f"modality LUT: Rescale Slope {slope:g}, Intercept {intercept:g}")
+        return None, slope, intercept
+    return None, 1.0, 0.0
+
+
+def value_transform(dec: Decoded) -> Transform:
+    """Steps 2-3 for grey (bits stored, Modality LUT) or 2 and 6 for colour (luma), no VOI:
+    the float32 values a viewer windows itself, in the units ``render(dec).window`` is in,
+    so its default window is exactly the one the model's rendering used."""
+    if dec.array.ndim == 3:
+        bits = min(dec.bits_stored, 16) if dec.kind == "dicom" else 8
+        grey = is_grey_rgb(dec.array)
+
+        def colour(strip: np.ndarray) -> np.ndarray:
+            strip = mask_bits(strip, bits, False) if dec.kind == "dicom" else strip
+            return np.asarray(strip[..., 0] if grey else luminance(strip), dtype=np.float32)
+
+        return colour
+    ds = dec.header
+    bits, signed = dec.bits_stored, dec.signed
+    do_mask = ds is not None and bits < dec.array.dtype.itemsize * 8 and np.issubdtype(dec.array.dtype, np.integer)
+    little = transfer_syntax(ds).is_little_endian if ds is not None else True
+    mlut, slope, intercept = _modality_lut(ds, little, [])
+
+    def grey_values(strip: np.ndarray) -> np.ndarray:
+        stored = mask_bits(strip, bits, signed) if do_mask else strip
+        values = mlut.apply(stored) if mlut is not None else _rescale(stored, slope, intercept)
+        return np.asarray(values, dtype=np.float32)
+
+    return grey_values
 
 
 def _rescale(arr: np.ndarray, slope: float, intercept: float) -> np.ndarray:

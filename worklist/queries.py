@@ -289,7 +289,12 @@ def study_row(
         "priority": Level(effective).name.lower(),
         "priority_level": int(effective),
         "escalated": int(effective) < int(stored),
-        "priority_reason": study.priority_reason,
+        # A failed or ineligible study's stored reason quotes the technical cause: in words here too.
+        "priority_reason": (
+            f"{AI_UNAVAILABLE} ({plain_reason(ai.value, study.state_reason)})"
+            if ai in (AiState.FAILED, AiState.INELIGIBLE)
+            else study.priority_reason
+        ),
         "received_at": study.received_at.isoformat(),
         "waiting": waiting(study.received_at, now),
         "waiting_s": int((now - study.received_at).total_seconds()),
@@ -427,7 +432,14 @@ def study_detail(session: Session, study: Study, cfg: TriageConfig, web: WebConf
                 }
             )
     history = [
-        {"from": t.from_state, "to": t.to_state, "reason": t.reason, "at": t.at.isoformat()}
+        {
+            "from": t.from_state,
+            "to": t.to_state,
+            # Failed and ineligible transitions quote the technical cause: in words, the cause for admins.
+            "reason": plain_reason(str(t.to_state), t.reason) or t.reason,
+            "detail": t.reason if plain_reason(str(t.to_state), t.reason) else None,
+            "at": t.at.isoformat(),
+        }
         for t in session.scalars(
             select(StateTransition).where(StateTransition.study_id == study.id).order_by(StateTransition.id)
         )

@@ -53,6 +53,8 @@ def for_user(data: dict[str, Any], is_admin: bool) -> dict[str, Any]:
                 }
                 for i in out["instances"]
             ]
+        if "history" in out:
+            out["history"] = [{k: v for k, v in h.items() if k != "detail"} for h in out["history"]]
     return out
 
 

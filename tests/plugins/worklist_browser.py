@@ -162,7 +162,8 @@ def cli(config: Path, *args: str, stdin: str | None = None) -> subprocess.Comple
 def browser_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserStack]:
     """The product on the embedded default, started the way a site starts it; users added by the CLI."""
     var = tmp_path_factory.mktemp("browser")
-    web = {"bind_address": "127.0.0.1", "port": free_port()}
+    # A site zone other than the machine's (UTC here): pages must show Berlin wall-clock time.
+    web = {"bind_address": "127.0.0.1", "port": free_port(), "time_zone": "Europe/Berlin"}
     # The site's default triage policy: findings steer per operating point on the card's
     # within-collection evidence (docs/triage.md); with the shipped model only pneumonia on a
     # child's film steers, with the card's paediatric threshold and the default critical one.

@@ -12,7 +12,7 @@ from db.models import utcnow
 from models.findings import DISCLAIMER
 from settings import Settings
 from triage.service import Scorer
-from worklist import audit, imaging
+from worklist import audit, heatmap_notes, imaging
 from worklist.deps import ApiCsrf, Db, User, check_csrf, page, settings_of, site_settings_of
 from worklist.security import CSRF_FIELD
 from worklist.users import CurrentUser
@@ -79,6 +79,14 @@ def analyse_form(
         result = _analyse(request, file, user, session)
     except HTTPException as exc:
         return page(request, "analyse.html", exc.status_code, user=user, result=None, error=exc.detail)
+    if result["eligible"]:
+        result["overlays"] = heatmap_notes.overlays(
+            result["heatmaps"],
+            result["scores"],
+            result["thresholds"],
+            set(result["scores"]) - set(result["informational"]),
+            heatmap_notes.card_localisation(site_settings_of(request, session), result["model"]),
+        )
     return page(request, "analyse.html", user=user, result=result, error=None, filename=file.filename)
 
 

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 
 from db.models import Instance, InstanceResult, ReadState, Study, utcnow
 from models.findings import DISCLAIMER, FINDING_NAMES
-from worklist import audit, imaging, queries
+from worklist import audit, heatmap_notes, imaging, queries, viewer_data
 from worklist.deps import ApiCsrf, Config, Db, User, check_csrf, load_study, page, settings_of, valid_uid
 from worklist.reasons import for_user
 from worklist.security import CSRF_FIELD
@@ -24,11 +24,30 @@ class ReadStateChange(BaseModel):
     state: ReadState
 
 
+def _with_overlays(detail: dict[str, Any], localisation: dict[str, Any] | None) -> dict[str, Any]:
+    """Each instance's heatmaps as the viewer offers them (``worklist.heatmap_notes``)."""
+    steering = detail["steering_findings"] if detail["steering_known"] else None
+    for inst in detail["instances"]:
+        res = inst["result"]
+        if not res:
+            continue
+        base = f"/api/studies/{detail['study_uid']}/instances/{inst['sop_instance_uid']}/heatmaps/"
+        res["overlays"] = heatmap_notes.overlays(
+            {f: f"{base}{f}.png" for f in res["heatmaps"]},
+            res["scores"] or {},
+            res["thresholds"] or {},
+            steering,
+            localisation,
+        )
+    return detail
+
+
 def _detail(request: Request, session: Session, study: Study, user: CurrentUser, channel: str) -> dict[str, Any]:
     settings = settings_of(request)
     audit.record(session, user.username, "view_study", utcnow(), study.study_uid, channel)
     session.commit()
-    return queries.study_detail(session, study, settings.triage, settings.web, utcnow())
+    detail = queries.study_detail(session, study, settings.triage, settings.web, utcnow())
+    return _with_overlays(detail, heatmap_notes.card_localisation(settings, study.model_ref))
 
 
 def _change_read_state(session: Session, study: Study, state: ReadState, user: CurrentUser) -> None:
@@ -120,3 +139,47 @@ def api_heatmap(settings: Config, session: Db, user: User, study_uid: str, sop_u
         raise HTTPException(404, "no heatmap for this finding (heatmaps are kept for flagged findings)")
     shape = imaging.image_shape(Path(settings.storage.spool_dir) / inst.spool_path)
     return _png(imaging.heatmap_png(Path(stored), shape), f'"{inst.sha256}-{finding}"')
+
+
+@router.get(
+    "/api/studies/{study_uid}/instances/{sop_uid}/values",
+    tags=["images"],
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def api_values(settings: Config, session: Db, user: User, study_uid: str, sop_uid: str, size: int = 1024) -> Response:
+    """The radiograph's values before windowing, for the viewer's own window/level.
+
+    Little-endian uint16, rows x columns (``X-Viewer-Rows``/``-Columns``), 0..65535 mapping
+    linearly onto ``X-Viewer-Low``..``-High`` in modality units; ``X-Viewer-Window-Center``/
+    ``-Width`` is the window the model's rendering used.  ``size``: longer side, one of
+    1024, 2048, 4096 (never more than the image's own).  Sent gzip-encoded.
+    """
+    if size not in viewer_data.SIZES:
+        raise HTTPException(422, f"size must be one of {list(viewer_data.SIZES)}")
+    inst, _ = _instance_files(session, study_uid, sop_uid)
+    path = Path(settings.storage.spool_dir) / inst.spool_path
+    try:
+        body, headers = viewer_data.viewer_payload(path, inst.sha256, size, settings.pixels)
+    except Exception as exc:  # noqa: BLE001 - an undecodable instance is a 422, not a crash
+        raise HTTPException(422, f"the image cannot be rendered: {type(exc).__name__}") from None
+    return Response(
+        body,
+        media_type="application/octet-stream",
+        headers={
+            **headers,
+            "Content-Encoding": "gzip",
+            "Cache-Control": "private, max-age=3600",
+            "ETag": f'"{inst.sha256}-{size}"',
+        },
+    )
+
+
+@router.get(
+    "/api/legend/heatmap.png", tags=["images"], response_class=Response, responses={200: {"content": {"image/png": {}}}}
+)
+def api_heatmap_legend(user: User) -> Response:
+    """The heatmaps' colour ramp (low attention left, high right), for the viewer's legend."""
+    return Response(
+        viewer_data.legend_png(), media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
+    )

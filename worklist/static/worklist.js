@@ -86,7 +86,9 @@
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     const target = event.target;
-    if (target && (target.isContentEditable || ["INPUT", "SELECT", "TEXTAREA", "BUTTON"].includes(target.tagName))) return;
+    if (target && (target.isContentEditable || ["INPUT", "SELECT", "TEXTAREA"].includes(target.tagName))) return;
+    // A focused button or link keeps Enter and space for itself; letters still reach the page.
+    if (target && ["BUTTON", "A"].includes(target.tagName) && (event.key === "Enter" || event.key === " ")) return;
     const tr = current();
     if (event.key === "j" || event.key === "ArrowDown") { move(1); event.preventDefault(); }
     else if (event.key === "k" || event.key === "ArrowUp") { move(-1); event.preventDefault(); }
