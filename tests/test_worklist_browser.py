@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -471,6 +472,17 @@ def test_viewer_window_level_zoom_pan_and_keys(browser_stack: BrowserStack, chro
     assert viewer.get_attribute("data-loaded-columns") == "964"  # 1024 px on the longer side first
     grey0 = canvas_stats(driver)["grey"]
     canvas = driver.find_element(By.CSS_SELECTOR, ".xray-viewer canvas.view")
+    # The module's lookup table is the window tests/test_viewer_values.py checks against the pipeline.
+    probes = [0, 1, 9000, 15000, 20000, 32767, 65535]
+    for center, width, invert, low, high in ((15000, 30000, True, 0, 32767), (-40.5, 900, False, -1024, 3071)):
+        lut = driver.execute_script(
+            "const l = XrayViewer.windowLut(...arguments[0]); return arguments[1].map((v) => l[v]);",
+            [center, width, invert, low, high],
+            probes,
+        )
+        x = low + np.array(probes) * ((high - low) / 65535)
+        y = np.clip((x - (center - width / 2)) / width, 0, 1)
+        assert lut == np.round((1 - y if invert else y) * 255).astype(int).tolist(), (center, width, lut)
 
     # Dragging down raises the level; right widens the window: the canvas's grey levels change.
     ActionChains(driver).move_to_element(canvas).click_and_hold().move_by_offset(0, 120).release().perform()
@@ -515,6 +527,7 @@ def test_viewer_window_level_zoom_pan_and_keys(browser_stack: BrowserStack, chro
     wait(driver, lambda d: float_attr(viewer, "data-pan-x") < 0 and float_attr(viewer, "data-pan-y") < 0, "the pan")
     press(driver, Keys.ARROW_LEFT)
     assert canvas_stats(driver)["grey"] != before
+    press(driver, "3")  # the narrow window reads the lung better than the header's wide one
     screenshot(driver, "viewer-zoomed.png", "viewer-zoomed.png")
     press(driver, "f")
     wait(driver, lambda d: float_attr(viewer, "data-zoom") == 1.0 and float_attr(viewer, "data-pan-x") == 0, "fit")
@@ -532,7 +545,7 @@ def _add_listed_studies(stack: BrowserStack, n: int) -> list[str]:
             received = now - timedelta(minutes=5 + 7 * k)
             study = Study(
                 study_uid=uid,
-                calling_ae="CR_ROOM_LONG_NAME",
+                calling_ae="CR_WARD3_MOBILE",  # 15 of the 16 characters an AE title may have
                 patient_name=f"LISTED^PATIENT WITH A LONG NAME {k}",
                 patient_id=f"LST{k:05d}",
                 accession_number=f"ACC{k:08d}",
@@ -633,6 +646,12 @@ def test_worklist_fits_the_screen_and_is_read_by_keyboard(browser_stack: Browser
         for text, left, right, width in fit["heads"]:
             assert left >= 0 and right <= fit["width"] and width > 30, (text, fit)
         assert [h[0] for h in fit["heads"]][-1] == "Source"
+        # No cell's text is cut short (wrapped inside its cell instead).
+        cut = driver.execute_script(
+            """return Array.from(document.querySelectorAll('#rows td'))
+                .filter((td) => td.scrollWidth > td.clientWidth + 1).map((td) => td.innerText);"""
+        )
+        assert cut == [], cut
         screenshot(driver, "worklist-1024.png")
     finally:
         driver.set_window_size(*WINDOW)

@@ -56,7 +56,3 @@ def for_user(data: dict[str, Any], is_admin: bool) -> dict[str, Any]:
         if "history" in out:
             out["history"] = [{k: v for k, v in h.items() if k != "detail"} for h in out["history"]]
     return out
-
-
-def _without_detail(result: dict[str, Any] | None) -> dict[str, Any] | None:
-    return None if result is None else {k: v for k, v in result.items() if k != "detail"}
