@@ -55,7 +55,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, case, func, insert, select, text
+from sqlalchemy import Engine, Select, func, insert, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 N_STUDIES = int(os.environ.get("BENCH_WORKLIST_N", "10000"))
@@ -315,18 +315,21 @@ def _query(params: dict[str, Any]) -> Any:
 
 def baseline_statement(q: Any, cfg: Any, now: datetime, page_size: int) -> Select[Any]:
     """The naive worklist query: one SELECT ordered by the CASE expression of effective priority."""
+    from sqlalchemy import case as sql_case
+
     from db.models import Study
     from triage.policy import effective_priority_sql, worklist_order
-    from worklist.queries import _filters  # the same filters the app applies
-
-    from worklist.queries import WorklistOrder
+    from worklist.queries import (
+        WorklistOrder,
+        _filters,  # the same filters the app applies
+    )
 
     where = _filters(q)
     if q.priority:  # the effective-priority filter, as the naive query must express it
         where.append(effective_priority_sql(now, cfg).in_(sorted(q.levels())))
     order = worklist_order(cfg, now)
     if q.order is WorklistOrder.UNREAD_FIRST:  # the default: read studies below the rest
-        order = [case((Study.read_state == "read", 1), else_=0), *order]
+        order = [sql_case((Study.read_state == "read", 1), else_=0), *order]
     return select(Study).where(*where).order_by(*order).limit(page_size)
 
 
