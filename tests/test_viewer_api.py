@@ -25,10 +25,10 @@ from db.models import Instance, Series, StudyState
 from dicom_io.pixels import render_display
 from models.heatmap_image import ramp
 from settings import WebConfig
-from tests.conftest import pydicom_data_file
+from tests.conftest import REPO, pydicom_data_file
 from tests.plugins.worklist import WorklistApp
 from triage.policy import InstanceOutcome, decide
-from worklist.heatmap_notes import heatmap_note, overlays
+from worklist.heatmap_notes import card_localisation, heatmap_note, overlays
 from worklist.localtime import dicom_date, local_time, site_zone, zone_label
 
 
@@ -89,6 +89,9 @@ def test_values_endpoint_sends_the_films_values_and_window(worklist: WorklistApp
 
 def test_legend_is_the_overlays_ramp(worklist: WorklistApp) -> None:
     client, _ = worklist.logged_in("alice")
+    # (and a worklist order that does not exist is refused, naming the choices)
+    bad = client.get("/api/worklist", params={"order": "alphabetical"})
+    assert bad.status_code == 422 and "unread_first" in bad.text and "priority" in bad.text
     r = client.get("/api/legend/heatmap.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(r.content)) as im:
@@ -127,6 +130,19 @@ def test_one_map_by_default_and_never_an_informational_or_below_threshold_one() 
     assert [o["finding"] for o in unknown if o["default"]] == ["mass"]
     assert all(o["steering"] is None for o in unknown)
     assert heatmap_note("mass", None, None).startswith("Not validated for localisation")
+
+
+def test_the_mass_note_quotes_the_shipped_cards_figures_for_its_own_model_only() -> None:
+    import json
+
+    from settings import Settings
+
+    card = json.loads((REPO / "models" / "default" / "card.json").read_text())
+    ref = f"{card['name']}@{card['version']}"
+    figures = card_localisation(Settings(), ref)
+    assert figures is not None and figures["n"] > 0 and 0 < figures["share_max_within_tolerance"] < 1
+    assert f"{figures['share_max_within_tolerance']:.0%}" in heatmap_note("mass", True, figures)
+    assert card_localisation(Settings(), "another-model@1.0.0") is None  # another model's figures are not these
 
 
 def test_times_in_the_site_zone_to_the_minute() -> None:

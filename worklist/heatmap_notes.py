@@ -10,6 +10,8 @@ be trusted, with the model card's own localisation figures where it has any.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from models.card import ModelCard
@@ -91,11 +93,16 @@ def overlays(
 
 def card_localisation(settings: Settings, model_ref: str | None) -> dict[str, Any] | None:
     """The served model card's synthetic-nodule localisation figures, when `model_ref` is that model."""
+    path = resolve_model_path(settings=settings).parent / "card.json"
     try:
-        card = ModelCard.load(resolve_model_path(settings=settings).parent / "card.json")
+        ref, figures = _card_figures(str(path), path.stat().st_mtime_ns)
     except Exception:  # noqa: BLE001 - without a card the notes stay general
         return None
-    if card.ref != model_ref:
-        return None
-    found = (card.test_metrics or {}).get("synthetic_nodules")
-    return dict(found) if found else None
+    return dict(figures) if figures and ref == model_ref else None
+
+
+@lru_cache(maxsize=4)
+def _card_figures(path: str, mtime_ns: int) -> tuple[str, dict[str, Any] | None]:
+    """Read once per card file version, not on every study page (the key carries its mtime)."""
+    card = ModelCard.load(Path(path))
+    return card.ref, (card.test_metrics or {}).get("synthetic_nodules") or None
