@@ -1037,9 +1037,10 @@ def test_analyse_scores_real_uploads_without_storing_them(make_worklist) -> None
     tops = [t["finding"] for t in r.json()["top_findings"]]
     assert tops[:1] == (["pneumonia"] if "pneumonia" in steering else [])
 
-    leg = pydicom_data_file("RG3_UNCR.dcm")  # a leg: scored for information, never flagged
+    leg = pydicom_data_file("RG3_UNCR.dcm")  # a leg: not scored at all, only the reason
     body = client.post("/api/analyse", files={"file": ("leg.dcm", leg.read_bytes())}, headers=headers).json()
     assert body["eligible"] is False and "EXTREMITY" in body["reason"] and not any(body["flags"].values())
+    assert body["scores"] == {} and body["heatmaps"] == {}
     assert body["top_findings"] == []
 
     with wl.factory() as session:  # nothing became a study
