@@ -33,6 +33,7 @@ from tests.plugins.scoring import ScoringEnv, as_new_study, open_scoring_env, st
 from tests.plugins.worklist import PASSWORD, csrf_from
 from tests.test_orthanc import Orthanc
 from worklist.app import create_app
+from worklist.localtime import local_time, site_zone
 from worklist.users import add_user
 from xray_triage.status import collect_status
 
@@ -230,7 +231,9 @@ def test_a_dead_destination_fails_alone_and_retry_delivers_exactly_once(tmp_path
         stored = orthanc_instances(back, study_uid)
         assert sorted(str(d.SOPInstanceUID) for d in stored) == sorted(delivered)  # same UIDs, once each
         assert len(orthanc_instances(good, study_uid)) == len(delivered)  # the good one got nothing twice
-        assert f"sent {exports['down'].sent_at.isoformat()}" in web.get(f"/studies/{study_uid}").text
+        # In the site's zone, to the minute (worklist.localtime), as every page shows times.
+        shown = local_time(exports["down"].sent_at, site_zone(env.settings.web.time_zone))
+        assert f"sent {shown}" in web.get(f"/studies/{study_uid}").text
 
 
 def test_a_refusing_ris_is_export_failed_with_its_answer(tmp_path: Path) -> None:

@@ -45,6 +45,18 @@ def _factory(url: str):
     return make_sessionmaker(make_engine(url))
 
 
+def _released(url: str, study_uid: str) -> Study:
+    """The study once the listener has recorded its A-RELEASE: storescu may exit before the
+    listener's release handler has committed it."""
+
+    def recorded() -> Study | None:
+        study = _study(url, study_uid)
+        return study if study.released_at is not None and study.released_at >= study.last_instance_at else None
+
+    found: Study = wait_for(recorded, timeout=30, what="the release to be recorded")
+    return found
+
+
 def _study(url: str, study_uid: str) -> Study:
     with _factory(url)() as s:
         return s.scalars(select(Study).where(Study.study_uid == study_uid)).one()
@@ -119,8 +131,7 @@ def test_a_released_association_hands_its_study_off_after_the_grace(backend, tmp
     first = pydicom_data_file("RG1_UNCR.dcm")
     study_uid = _uid(first)
     assert storescu(handle.port, [first, _another_instance(first, tmp_path / "a1.dcm")]).returncode == 0
-    study = _study(settings.database.url, study_uid)
-    assert study.released_at is not None and study.released_at >= study.last_instance_at
+    study = _released(settings.database.url, study_uid)
     factory, window, grace, queues = _factory(settings.database.url), 60.0, 0.5, settings.queues
     recorder = Recorder()
 
@@ -138,8 +149,7 @@ def test_a_released_association_hands_its_study_off_after_the_grace(backend, tmp
     assert scan_once(factory, recorder, window, queues, now=reopened.last_instance_at + timedelta(seconds=5),
                      grace_s=grace) == []  # fmt: skip
     assert storescu(handle.port, [_another_instance(first, tmp_path / "a3.dcm")]).returncode == 0
-    released = _study(settings.database.url, study_uid)
-    assert released.released_at >= released.last_instance_at
+    released = _released(settings.database.url, study_uid)
     later = scan_once(factory, recorder, window, queues, now=released.released_at + timedelta(seconds=0.5),
                       grace_s=grace)  # fmt: skip
     assert later == [Handoff(study_uid, 2, queues.routine)]
