@@ -245,10 +245,9 @@ def _grey_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
     arr = dec.array
     bits, signed = dec.bits_stored, dec.signed
     container = arr.dtype.itemsize * 8
-    do_mask = ds is not None and bits < container and np.issubdtype(arr.dtype, np.integer)
+    do_mask, little = _stored_layout(dec)
     if do_mask:
         steps.append(f"bits stored: low {bits} of {container} bits kept")
-    little = transfer_syntax(ds).is_little_endian if ds is not None else True
 
     # Step 3: Modality LUT.
     mlut, slope, intercept = _modality_lut(ds, little, steps)
@@ -306,6 +305,13 @@ def _grey_transform(dec: Decoded, steps: list[str]) -> tuple[Transform, Window]:
     return general, final
 
 
+def _stored_layout(dec: Decoded) -> tuple[bool, bool]:
+    """(step 2 applies: a DICOM integer frame with unused high bits, LUT data is little-endian)."""
+    ds, arr = dec.header, dec.array
+    do_mask = ds is not None and dec.bits_stored < arr.dtype.itemsize * 8 and np.issubdtype(arr.dtype, np.integer)
+    return bool(do_mask), transfer_syntax(ds).is_little_endian if ds is not None else True
+
+
 def _modality_lut(ds: Dataset | None, little: bool, steps: list[str]) -> tuple[Lut | None, float, float]:
     """Step 3's choice: (Modality LUT Sequence, else None; Rescale Slope; Intercept)."""
     if ds is not None and ds.get("ModalityLUTSequence"):
@@ -332,11 +338,9 @@ def value_transform(dec: Decoded) -> Transform:
             return np.asarray(strip[..., 0] if grey else luminance(strip), dtype=np.float32)
 
         return colour
-    ds = dec.header
     bits, signed = dec.bits_stored, dec.signed
-    do_mask = ds is not None and bits < dec.array.dtype.itemsize * 8 and np.issubdtype(dec.array.dtype, np.integer)
-    little = transfer_syntax(ds).is_little_endian if ds is not None else True
-    mlut, slope, intercept = _modality_lut(ds, little, [])
+    do_mask, little = _stored_layout(dec)
+    mlut, slope, intercept = _modality_lut(dec.header, little, [])
 
     def grey_values(strip: np.ndarray) -> np.ndarray:
         stored = mask_bits(strip, bits, signed) if do_mask else strip

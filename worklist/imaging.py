@@ -14,7 +14,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pydicom
@@ -31,26 +31,27 @@ from worklist.reasons import plain_reason
 # two threads of the pool) imported pydicom's mutually dependent modules at once, and one got
 # a partially initialized module (ImportError: cannot import name 'Dataset' ...).
 
+V = TypeVar("V")
 DISPLAY_MAX = 1024
 _CACHE_ENTRIES = 64
 
 
-class _LruBytes:
-    """A small thread-safe LRU of rendered PNGs: decoding a JPEG 2000 CR costs about a second."""
+class Lru(Generic[V]):
+    """A small thread-safe LRU of rendered images: decoding a JPEG 2000 CR costs about a second."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self._data: OrderedDict[str, V] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> V | None:
         with self._lock:
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
             return value
 
-    def put(self, key: str, value: bytes) -> None:
+    def put(self, key: str, value: V) -> None:
         with self._lock:
             self._data[key] = value
             self._data.move_to_end(key)
@@ -58,7 +59,7 @@ class _LruBytes:
                 self._data.popitem(last=False)
 
 
-_PNG_CACHE = _LruBytes(_CACHE_ENTRIES)
+_PNG_CACHE: Lru[bytes] = Lru(_CACHE_ENTRIES)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

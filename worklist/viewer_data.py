@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +19,19 @@ from PIL import Image
 from dicom_io.viewer import viewer_image
 from models.heatmap_image import ramp
 from settings import PixelsConfig
+from worklist.imaging import Lru
 
 # The sizes a viewer may ask for (longer side); the image is never upscaled beyond its own.
 SIZES = (1024, 2048, 4096)
-_CACHE_ENTRIES = 8
-_cache: OrderedDict[str, tuple[bytes, dict[str, str]]] = OrderedDict()
-_lock = threading.Lock()
+_CACHE: Lru[tuple[bytes, dict[str, str]]] = Lru(8)
 
 
 def viewer_payload(path: Path, digest: str, size: int, limits: PixelsConfig) -> tuple[bytes, dict[str, str]]:
     """(gzip body, headers) of the instance's values at `size`."""
     key = f"{digest}:{size}"
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
     image = viewer_image(path, size, limits)
     body = gzip.compress(np.ascontiguousarray(image.values, dtype="<u2").tobytes(), compresslevel=1)
     headers = {
@@ -50,10 +46,7 @@ def viewer_payload(path: Path, digest: str, size: int, limits: PixelsConfig) -> 
         "X-Viewer-Window-Source": image.window_source,
         "X-Viewer-Invert": "1" if image.invert else "0",
     }
-    with _lock:
-        _cache[key] = (body, headers)
-        while len(_cache) > _CACHE_ENTRIES:
-            _cache.popitem(last=False)
+    _CACHE.put(key, (body, headers))
     return body, headers
 
 

@@ -90,13 +90,7 @@
   if (backLink) backLink.href = back;
 
   async function markReadAndGoOn() {
-    const token = document.querySelector('meta[name="csrf-token"]');
-    const response = await fetch("/api/studies/" + encodeURIComponent(here) + "/read-state", {
-      method: "POST",
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": token ? token.content : "" },
-      body: JSON.stringify({ state: "read" }),
-    });
+    const response = await window.setReadState(here, "read");
     if (!response.ok) { window.alert("Could not mark the study read (HTTP " + response.status + ")."); return; }
     window.location.href = nextUrl || back;
   }

@@ -42,13 +42,7 @@
   }
 
   async function setRead(tr, value) {
-    const token = document.querySelector('meta[name="csrf-token"]');
-    const response = await fetch("/api/studies/" + encodeURIComponent(tr.dataset.uid) + "/read-state", {
-      method: "POST",
-      credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRF-Token": token ? token.content : "" },
-      body: JSON.stringify({ state: value }),
-    });
+    const response = await window.setReadState(tr.dataset.uid, value);
     if (!response.ok) {
       state.textContent = "could not mark the study " + value + " (HTTP " + response.status + ")";
       state.classList.add("error");
